@@ -1,0 +1,24 @@
+"""nf4compile: 4-bit NF4 weights as first-class citizens of torch.compile and torch.export.
+
+    model = nf4compile.quantize(model)      # Linear weights become NF4Tensors (bitsandbytes format)
+    model = torch.compile(model)            # fused dequant+matmul kernels
+"""
+
+from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
+from nf4compile.format import NF4_CODEBOOK
+from nf4compile.quantize import NF4Config, dequantize_model, quantize, summary
+from nf4compile.serialization import CheckpointError, load, save
+from nf4compile.tensor import NF4Tensor, to_nf4
+
+__all__ = [
+    "NF4_CODEBOOK",
+    "CheckpointError",
+    "NF4Config",
+    "NF4Tensor",
+    "dequantize_model",
+    "load",
+    "quantize",
+    "save",
+    "summary",
+    "to_nf4",
+]

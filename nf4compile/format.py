@@ -1,0 +1,166 @@
+"""The NF4 format exactly as bitsandbytes stores it, in plain PyTorch.
+
+These functions are the reference algorithm: the CPU implementations of the custom ops call them,
+the Triton kernels are tested against them, and the tests check them byte for byte against
+bitsandbytes itself.
+
+Layout of a weight of shape ``shape`` with ``n`` elements:
+  packed         uint8 [(n + 1) // 2]   two 4-bit codes per byte, element 2j in the high nibble
+  absmax         fp32  [ceil(n / block_size)]   one scale per block of the row-major flattened weight
+or, double-quantized:
+  absmax         uint8 [ceil(n / block_size)]   codes of (absmax - offset) in the signed dynamic map
+  nested_absmax  fp32  [ceil(n_blocks / 256)]
+  offset         fp32  []                        the mean of the fp32 absmax
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# bitsandbytes.functional.get_4bit_type("nf4"); these literals are canonical (recomputing them from
+# normal quantiles differs in the last bits).
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
+ZERO_CODE = 7
+
+SUPPORTED_BLOCK_SIZES = tuple(2**i for i in range(5, 13))  # what bitsandbytes accepts: 32 ... 4096
+NESTED_BLOCK_SIZE = 256  # bitsandbytes' fixed block size for double quantization of the scales
+
+
+def _signed_dynamic_map() -> torch.Tensor:
+    """bitsandbytes.functional.create_dynamic_map(signed=True): 8-bit dynamic-exponent codes.
+
+    Built the way bitsandbytes builds it (fp32 linspace, means, then Python float products), so
+    the table is identical to the ``nested_quant_map`` in its checkpoints.
+    """
+    max_exponent_bits, non_sign_bits = 7, 7
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        boundaries = torch.linspace(0.1, 1, 2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_MAP = _signed_dynamic_map()
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(
+            f"block_size must be a power of two from 32 to 4096 (bitsandbytes' NF4 format), "
+            f"got {block_size!r}"
+        )
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    return math.ceil(numel / block_size)
+
+
+def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View a 1-D tensor as [n_blocks, block_size], zero-padding the partial last block."""
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax NF4 quantization -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks])."""
+    flat = weight.reshape(-1).to(torch.float32)
+    blocks = _blocks(flat, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    # An all-zero block keeps absmax 0 and must give code 7 (0.0) everywhere, not 0 * inf = NaN.
+    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)
+    scaled = (blocks * inv[:, None]).clamp_(-1, 1)
+    # bucketize(right=False) sends a value equal to a midpoint to the lower code, as bitsandbytes does.
+    codes = torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).view(-1)[: flat.numel()]
+    return pack_codes(codes.to(torch.uint8)), absmax
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    if codes.numel() % 2:  # bitsandbytes pads an odd count with the code of 0.0
+        codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:numel]
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    block_size: int,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """code[nibble] * absmax[block] in fp32, then cast: bitsandbytes' dequantize_4bit."""
+    numel = math.prod(shape)
+    codes = unpack_codes(packed.reshape(-1), numel).long()
+    values = NF4_CODEBOOK.to(packed.device)[codes]
+    values = _blocks(values, block_size) * absmax.reshape(-1, 1)
+    return values.view(-1)[:numel].view(shape).to(dtype)
+
+
+def quantize_blockwise_dynamic(
+    x: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization to the signed dynamic map -> (uint8 codes, fp32 absmax).
+
+    Rounds as bitsandbytes' native CPU kernel does, which is not plain nearest rounding: see
+    ``_dynamic_map_codes``.
+    """
+    flat = x.reshape(-1).to(torch.float32)
+    blocks = _blocks(flat, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)
+    codes = _dynamic_map_codes(blocks * inv[:, None]).view(-1)[: flat.numel()]
+    return codes, absmax
+
+
+def _dynamic_map_codes(scaled: torch.Tensor) -> torch.Tensor:
+    code = DYNAMIC_MAP.to(scaled.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(scaled.clamp(-1, 1), midpoints).to(torch.uint8)
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' compress_statistics -> (absmax codes uint8, nested_absmax fp32, offset fp32 [])."""
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
+    return codes, nested_absmax, offset
+
+
+def dequantize_absmax(
+    absmax_codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """dynamic_map[code] * nested_absmax[block] + offset, in fp32 and in bitsandbytes' order."""
+    n = absmax_codes.numel()
+    values = DYNAMIC_MAP.to(absmax_codes.device)[absmax_codes.reshape(-1).long()]
+    values = _blocks(values, NESTED_BLOCK_SIZE) * nested_absmax.reshape(-1, 1)
+    return values.view(-1)[:n] + offset

@@ -1,0 +1,179 @@
+"""The three nf4compile custom ops: quantize, dequantize and the fused NF4 linear.
+
+They are ``torch.library.custom_op``s on purpose: opaque to torch.compile and torch.export, so the
+graph passes can find ``nf4compile.dequantize`` and rewrite it into ``nf4compile.linear``. Each op has
+a fake implementation (shapes only), a plain-PyTorch implementation that serves every device, and
+CUDA kernels registered by the Triton modules beside this one.
+
+Scales are passed as ``absmax`` (fp32), or, double-quantized, as ``absmax`` (uint8 codes) plus
+``nested_absmax`` and ``offset``; see ``nf4compile.format``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from nf4compile import format as nf4_format
+
+
+def check_scales(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    block_size: int,
+    numel: int,
+) -> None:
+    """Refuse inconsistent NF4 data with a message, before any kernel indexes out of bounds."""
+    nf4_format.check_block_size(block_size)
+    torch._check(packed.dtype == torch.uint8, lambda: f"NF4 packed codes must be uint8, got {packed.dtype}")
+    torch._check(
+        packed.numel() == (numel + 1) // 2,
+        lambda: f"NF4 packed codes hold {packed.numel()} bytes, expected {(numel + 1) // 2} for {numel} elements",
+    )
+    blocks = nf4_format.num_blocks(numel, block_size)
+    torch._check(
+        absmax.numel() == blocks,
+        lambda: f"NF4 absmax has {absmax.numel()} entries, expected {blocks} blocks of {block_size}",
+    )
+    if nested_absmax is None:
+        torch._check(offset is None, lambda: "NF4 offset given without nested_absmax")
+        torch._check(absmax.dtype == torch.float32, lambda: f"NF4 absmax must be float32, got {absmax.dtype}")
+        return
+    torch._check(offset is not None, lambda: "double-quantized NF4 needs an offset")
+    torch._check(absmax.dtype == torch.uint8, lambda: f"double-quantized absmax must be uint8, got {absmax.dtype}")
+    nested = nf4_format.num_blocks(blocks, nf4_format.NESTED_BLOCK_SIZE)
+    torch._check(
+        nested_absmax.numel() == nested,
+        lambda: f"NF4 nested_absmax has {nested_absmax.numel()} entries, expected {nested}",
+    )
+
+
+def resolve_absmax(absmax: Tensor, nested_absmax: Optional[Tensor], offset: Optional[Tensor]) -> Tensor:
+    if nested_absmax is None:
+        return absmax
+    return nf4_format.dequantize_absmax(absmax, nested_absmax, offset)
+
+
+# quantize ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nf4compile::quantize", mutates_args=())
+def quantize(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Blockwise NF4 quantization -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks])."""
+    nf4_format.check_block_size(block_size)
+    return nf4_format.quantize_nf4(weight, block_size)
+
+
+@quantize.register_fake
+def _(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    numel = weight.numel()
+    packed = weight.new_empty(((numel + 1) // 2,), dtype=torch.uint8)
+    absmax = weight.new_empty((nf4_format.num_blocks(numel, block_size),), dtype=torch.float32)
+    return packed, absmax
+
+
+# dequantize -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nf4compile::dequantize", mutates_args=())
+def dequantize(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """NF4 -> dense ``dtype`` tensor of ``shape``, exactly as bitsandbytes' dequantize_4bit."""
+    numel = math.prod(shape)
+    check_scales(packed, absmax, nested_absmax, offset, block_size, numel)
+    scales = resolve_absmax(absmax, nested_absmax, offset)
+    return nf4_format.dequantize_nf4(packed, scales, block_size, tuple(shape), dtype)
+
+
+@dequantize.register_fake
+def _(packed, absmax, nested_absmax, offset, block_size, shape, dtype):
+    check_scales(packed, absmax, nested_absmax, offset, block_size, math.prod(shape))
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+# linear -----------------------------------------------------------------------------------------
+
+
+def linear_output_shape(x: Tensor, out_features, in_features, x_at_w: bool) -> tuple:
+    """``x @ W.T`` takes [..., in] to [..., out]; ``x @ W`` (x_at_w) takes [..., out] to [..., in]."""
+    reduce_dim, out_dim = (out_features, in_features) if x_at_w else (in_features, out_features)
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == reduce_dim,
+        lambda: f"NF4 linear: input's last dimension is {x.shape[-1] if x.dim() else None}, "
+        f"expected {reduce_dim} for a weight of shape [{out_features}, {in_features}]"
+        + (" used as x @ W" if x_at_w else ""),
+    )
+    return (*x.shape[:-1], out_dim)
+
+
+@torch.library.custom_op("nf4compile::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    block_size: int,
+    out_features: int,
+    in_features: int,
+    bias: Optional[Tensor] = None,
+    x_at_w: bool = False,
+) -> Tensor:
+    """``x @ W.T + bias`` for an NF4 weight W of shape [out, in]; ``x @ W + bias`` with ``x_at_w``.
+
+    The plain-PyTorch path dequantizes to the activation dtype and calls the dense matmul, which is
+    also what a traced graph computes before the passes fuse it.
+    """
+    linear_output_shape(x, out_features, in_features, x_at_w)
+    weight = dequantize(packed, absmax, nested_absmax, offset, block_size, [out_features, in_features], x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    if x_at_w:
+        out = x @ weight
+        return out if bias is None else out + bias
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None, x_at_w=False):
+    check_scales(packed, absmax, nested_absmax, offset, block_size, out_features * in_features)
+    return x.new_empty(linear_output_shape(x, out_features, in_features, x_at_w))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, x_at_w = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, offset)
+    ctx.weight_args = (block_size, out_features, in_features, x_at_w)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad_out):
+    # The NF4 weight is frozen: only the input (and a trainable bias) get gradients. The gradient of
+    # x @ W.T is grad @ W, the same fused op with x_at_w flipped.
+    packed, absmax, nested_absmax, offset = ctx.saved_tensors
+    block_size, out_features, in_features, x_at_w = ctx.weight_args
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear(
+            grad_out, packed, absmax, nested_absmax, offset, block_size, out_features, in_features,
+            None, not x_at_w,
+        )
+    grad_bias = None
+    if ctx.bias_needs_grad:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

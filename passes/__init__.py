@@ -1,0 +1,1 @@
+"""FX graph passes (imported as ``nf4compile.passes``)."""
