@@ -44,6 +44,8 @@ NF4_CODEBOOK = torch.tensor(
 )
 NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 ZERO_CODE = 7
+# Value pairs of every byte (high nibble first): one lookup decodes two weights.
+NF4_PAIRS = torch.stack([NF4_CODEBOOK.repeat_interleave(16), NF4_CODEBOOK.repeat(16)], dim=1)
 
 SUPPORTED_BLOCK_SIZES = tuple(2**i for i in range(5, 13))  # what bitsandbytes accepts: 32 ... 4096
 NESTED_BLOCK_SIZE = 256  # bitsandbytes' fixed block size for double quantization of the scales
@@ -121,8 +123,7 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """code[nibble] * absmax[block] in fp32, then cast: bitsandbytes' dequantize_4bit."""
     numel = math.prod(shape)
-    codes = unpack_codes(packed.reshape(-1), numel).long()
-    values = NF4_CODEBOOK.to(packed.device)[codes]
+    values = NF4_PAIRS.to(packed.device)[packed.reshape(-1).long()].view(-1)[:numel]
     values = _blocks(values, block_size) * absmax.reshape(-1, 1)
     return values.view(-1)[:numel].view(shape).to(dtype)
 

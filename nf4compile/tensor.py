@@ -108,6 +108,10 @@ class NF4Tensor(torch.Tensor):
         )
         return dense.t() if self.transposed else dense
 
+    def _stable_hash_for_caching(self) -> str:
+        # What AOTAutograd's cache key needs: the layout, which fixes every inner tensor's metadata.
+        return f"NF4Tensor({self.block_size},{tuple(self.quant_shape)},{self.dtype},{self.transposed},{self.double_quant},{self.device.type})"
+
     def nbytes_quantized(self) -> int:
         names, _ = self.__tensor_flatten__()
         return sum(getattr(self, n).nbytes for n in names)
