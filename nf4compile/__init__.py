@@ -2,9 +2,11 @@
 
     model = nf4compile.quantize(model)      # Linear weights become NF4Tensors (bitsandbytes format)
     model = torch.compile(model)            # fused dequant+matmul kernels
+    # or: ep = nf4compile.export(model, (x,))   an ExportedProgram with the fused nf4compile.linear op
 """
 
 from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
+from nf4compile.export import export, parameter_names
 from nf4compile.format import NF4_CODEBOOK
 from nf4compile.quantize import NF4Config, dequantize_model, quantize, summary
 from nf4compile.serialization import CheckpointError, load, save
@@ -16,7 +18,9 @@ __all__ = [
     "NF4Config",
     "NF4Tensor",
     "dequantize_model",
+    "export",
     "load",
+    "parameter_names",
     "quantize",
     "save",
     "summary",

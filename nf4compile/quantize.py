@@ -31,6 +31,8 @@ class NF4Config(AOBaseConfig):
     include: if given, only modules matching these names or regexes are quantized.
     keep_sensitive: keep lm_head / output embeddings / weights tied to embeddings dense.
     min_numel: layers whose weight has fewer elements stay dense.
+    fuse: torch.compile fuses dequantize + matmul into nf4compile.linear (off: to benchmark the unfused graph;
+    also NF4COMPILE_FUSE=0). Applies to compilations after this call (the Inductor passes are global).
     """
 
     block_size: int = 64
@@ -39,6 +41,7 @@ class NF4Config(AOBaseConfig):
     include: Optional[Sequence[str]] = None
     keep_sensitive: bool = True
     min_numel: int = 0
+    fuse: bool = True
 
     def __post_init__(self):
         nf4_format.check_block_size(self.block_size)
@@ -119,6 +122,9 @@ def quantize(
         register_state_dict_hooks(module)
     model._nf4compile_skipped = {**getattr(model, "_nf4compile_skipped", {}), **skipped}
     model._nf4compile_config = config
+    from nf4compile.passes import register_for_model  # the Inductor passes, on first use, never at import
+
+    register_for_model(model, fuse=config.fuse, keep_sensitive=config.keep_sensitive)
     return model
 
 

@@ -252,4 +252,7 @@ def load(
                 module._buffers[attr] = value
             if isinstance(value, NF4Tensor):
                 register_state_dict_hooks(module)
+    from nf4compile.passes import register_for_model  # the Inductor passes, on first use, never at import
+
+    register_for_model(model, keep_sensitive=keep_sensitive)
     return model

@@ -1,1 +1,27 @@
-"""FX graph passes (imported as ``nf4compile.passes``)."""
+"""FX graph passes (imported as ``nf4compile.passes``).
+
+- ``FuseDequantMatmul``: ``nf4compile.dequantize -> views -> mm/addmm/bmm/linear/matmul`` becomes one
+  ``nf4compile.linear``.
+- ``KeepSensitiveBF16``: sensitive layers never compute from NF4 (dense constants in exported programs,
+  left unfused with a warning inside torch.compile).
+- ``NF4PassManager`` runs them, in Inductor's post-grad hook (``register_inductor_passes``, done by
+  ``quantize()``/``load()``) or on an exported program (``apply``).
+"""
+
+from nf4compile.passes.backend import nf4compile_backend
+from nf4compile.passes.fuse_dequant_matmul import FuseDequantMatmul
+from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
+from nf4compile.passes.manager import NF4PassManager, PassOptions, apply, register_for_model, register_inductor_passes
+from nf4compile.passes.names import module_name
+
+__all__ = [
+    "FuseDequantMatmul",
+    "KeepSensitiveBF16",
+    "NF4PassManager",
+    "PassOptions",
+    "apply",
+    "module_name",
+    "nf4compile_backend",
+    "register_for_model",
+    "register_inductor_passes",
+]

@@ -1,0 +1,32 @@
+"""``torch.compile(model, backend="nf4compile")``: Inductor with the nf4compile passes, explicitly.
+
+Found by dynamo through the ``torch_dynamo_backends`` entry point (pyproject.toml) of an installed
+nf4compile, and registered by name by ``register_inductor_passes()`` otherwise. Unlike the global hook it
+changes no global config: the passes are patched in for this compilation only, wrapping a pass the user set.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nf4compile.passes.manager import manager_for
+
+
+def nf4compile_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None):
+    """Inductor (``compile_fx``) with ``options`` as Inductor config patches and our post-grad passes."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+
+    options = dict(options or {})
+    current = options.pop("post_grad_custom_pre_pass", config.post_grad_custom_pre_pass)
+    patches = {**options, "post_grad_custom_pre_pass": manager_for(current)}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def register_backend() -> None:
+    from torch._dynamo.backends import registry
+
+    if "nf4compile" not in registry._COMPILER_FNS:
+        registry.register_backend(nf4compile_backend, name="nf4compile")
