@@ -58,7 +58,7 @@ def test_reconstruction_error_is_within_half_a_code_gap(block_size):
     assert 0.05 < rel < 0.12  # NF4 on Gaussian weights: ~0.09 relative Frobenius error
 
 
-@pytest.mark.parametrize("n_blocks", [1, 7, 256, 300, 1000, 5000])
+@pytest.mark.parametrize("n_blocks", [1, 7, 256, 300, 1000, 20000])
 def test_double_quantization_matches_bitsandbytes(n_blocks):
     w = torch.randn(n_blocks * 64) * torch.rand(n_blocks).repeat_interleave(64) * 4
     _, absmax = nf4_format.quantize_nf4(w.view(1, -1), 64)
