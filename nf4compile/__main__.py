@@ -45,10 +45,17 @@ def demo(args: argparse.Namespace) -> None:
     model = nf4compile.quantize(copy.deepcopy(reference))
     print(f"model: Llama ({config.num_hidden_layers} layers, hidden {config.hidden_size}) on {device}, "
           f"torch {torch.__version__}")
-    s = nf4compile.summary(model)
-    print(f"linear weights: {s.bytes_before / 2**20:.1f} MiB bf16 -> {s.bytes_after / 2**20:.1f} MiB NF4 "
-          f"({s.bytes_before / s.bytes_after:.2f}x smaller); kept dense: "
-          + ", ".join(f"{layer.name} ({layer.reason})" for layer in s.layers if not layer.quantized))
+    def model_bytes(m):
+        return sum(
+            t.nbytes_quantized() if isinstance(t, nf4compile.NF4Tensor) else t.numel() * t.element_size()
+            for t in list(m.parameters()) + list(m.buffers())
+        )
+
+    nf4_layers = [layer for layer in nf4compile.summary(model).layers if layer.quantized]
+    before, after = sum(x.bytes_before for x in nf4_layers), sum(x.bytes_after for x in nf4_layers)
+    print(f"{len(nf4_layers)} linear layers in NF4: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+          f"({before / after:.2f}x smaller); whole model {model_bytes(reference) / 2**20:.1f} MiB -> "
+          f"{model_bytes(model) / 2**20:.1f} MiB (embeddings, norms and lm_head stay bf16)")
 
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=device)
     compiled = torch.compile(model)

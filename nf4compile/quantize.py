@@ -173,11 +173,12 @@ class Summary:
             status = "NF4" if layer.quantized else f"kept dense: {layer.reason}"
             shape = "x".join(map(str, layer.shape))
             rows.append(f"{layer.name:40s} {shape:>14s} {layer.bytes_before:>10d} {layer.bytes_after:>10d}  {status}")
-        quantized = sum(layer.quantized for layer in self.layers)
-        ratio = self.bytes_before / max(self.bytes_after, 1)
+        nf4 = [layer for layer in self.layers if layer.quantized]
+        nf4_before, nf4_after = sum(x.bytes_before for x in nf4), sum(x.bytes_after for x in nf4)
         rows.append(
-            f"{quantized} of {len(self.layers)} linear layers in NF4; linear weights "
-            f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x smaller)"
+            f"{len(nf4)} of {len(self.layers)} linear layers in NF4: "
+            f"{nf4_before / 2**20:.2f} MiB -> {nf4_after / 2**20:.2f} MiB ({nf4_before / max(nf4_after, 1):.2f}x smaller); "
+            f"all linear weights {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
         )
         return "\n".join(rows)
 

@@ -105,7 +105,7 @@ def test_summary_reports_layers_and_bytes():
     # 96*64 bf16 = 12288 B -> 3072 B codes + 96 uint8 scales + 1 fp32 nested + 4 B offset
     assert (up["bytes_before"], up["bytes_after"]) == (12288, 3072 + 96 + 4 + 4)
     text = str(s)
-    assert "kept dense: lm_head (produces the logits)" in text and "3 of 4 linear layers in NF4" in text
+    assert "kept dense: lm_head (produces the logits)" in text and "3 of 4 linear layers in NF4: " in text
 
 
 def test_gpt2_conv1d_is_quantized_as_out_by_in():
