@@ -14,12 +14,14 @@ import torch
 from nf4compile.passes.manager import manager_for
 
 
-def nf4compile_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None):
-    """Inductor (``compile_fx``) with ``options`` as Inductor config patches and our post-grad passes."""
-    from torch._inductor import config
+def nf4compile_backend(
+    gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None
+):
+    """Inductor (``compile_fx``) with our post-grad passes; ``mode`` and ``options`` as for Inductor."""
+    from torch._inductor import config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    options = dict(options or {})
+    options = {**(list_mode_options(mode) if mode else {}), **(options or {})}
     current = options.pop("post_grad_custom_pre_pass", config.post_grad_custom_pre_pass)
     patches = {**options, "post_grad_custom_pre_pass": manager_for(current)}
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -96,7 +96,10 @@ class FuseDequantMatmul:
             return 0
         if not _same_shape(out_val.shape, (*x_val.shape[:-1], out_dim)):
             return 0  # a broadcast of x by the weight's leading dims: not a linear of x
-        fold_bias = bias is not None and _same_shape(bias.meta["val"].shape, (out_dim,))
+        bias_val = bias.meta.get("val") if bias is not None else None
+        if bias is not None and bias_val is None:
+            return 0
+        fold_bias = bias is not None and _same_shape(bias_val.shape, (out_dim,))
         with graph.inserting_before(mm):
             fused = graph.create_node(
                 "call_function",

@@ -11,7 +11,6 @@ Sensitivity is by module name, with the patterns of ``nf4compile.policy`` (``nam
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Mapping
 
@@ -23,7 +22,7 @@ from torch.fx import Graph, Node
 
 from nf4compile.passes.fuse_dequant_matmul import KEEP_DENSE, bound_args, dequantize_nodes
 from nf4compile.passes.names import layer_of_node, layer_of_weight, module_name
-from nf4compile.passes.program import with_graph
+from nf4compile.passes.program import copy_graph, with_graph
 from nf4compile.policy import name_matches
 
 
@@ -62,7 +61,7 @@ class KeepSensitiveBF16:
 
     def on_program(self, ep: ExportedProgram) -> ExportedProgram:
         """On an exported program: sensitive dequantizes become dense parameters. Returns a new program."""
-        graph = copy.deepcopy(ep.graph)
+        graph = copy_graph(ep.graph)
         specs = list(ep.graph_signature.input_specs)
         spec_of = {spec.arg.name: spec for spec in specs if isinstance(spec.arg, TensorArgument)}
         state_dict, constants = dict(ep.state_dict), dict(ep.constants)

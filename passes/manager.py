@@ -30,7 +30,9 @@ from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
 from nf4compile.passes.program import copy_program
 from nf4compile.policy import SENSITIVE_NAMES, sensitive_layers
 
-_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))))
+# What the passes do is their source and the naming policy: the uuid hashes both.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = (*sorted(glob.glob(os.path.join(_HERE, "*.py"))), os.path.join(os.path.dirname(_HERE), "policy.py"))
 DEFAULT_SENSITIVE = {name: "produces the logits" for name in SENSITIVE_NAMES}
 
 
@@ -140,7 +142,8 @@ def apply(
     """
     from nf4compile.tensor import NF4Tensor
 
-    if any(isinstance(t, NF4Tensor) for t in ep.state_dict.values()) or decompositions is not None:
+    weights = [*ep.state_dict.values(), *ep.constants.values()]
+    if any(isinstance(t, NF4Tensor) for t in weights) or decompositions is not None:
         ep = ep.run_decompositions(decompositions)
     else:
         ep = copy_program(ep)  # FuseDequantMatmul edits the graph in place

@@ -35,6 +35,22 @@ def with_graph(
     )
 
 
+def copy_graph(graph: Graph) -> Graph:
+    """A copy of an exported graph: nodes, names and meta dicts (fake values are shared)."""
+    new = Graph()
+    copies: dict = {}
+    output, old_output = new.graph_copy(graph, copies, return_output_node=True)
+    new.output(output).meta = copy.copy(old_output.meta)
+    for old, node in copies.items():
+        # Export names placeholders freely (``input``); a plain copy would avoid the builtin (``input_1``)
+        # and break the graph signature, which refers to them by name.
+        if node.name != old.name:
+            node.name = old.name
+            if node.op == "placeholder":
+                node.target = old.target
+    return new
+
+
 def copy_program(ep: ExportedProgram) -> ExportedProgram:
-    """Same weights, a copy of the graph (nodes and their meta dicts; fake values are shared)."""
-    return with_graph(ep, copy.deepcopy(ep.graph))
+    """Same weights, a copy of the graph."""
+    return with_graph(ep, copy_graph(ep.graph))
