@@ -44,7 +44,7 @@ class KeepSensitiveBF16:
         kept = 0
         for dq in dequantize_nodes(graph):
             layer = _layer_reading(dq)
-            why = layer is not None and self.reason(layer)
+            why = self.reason(layer) if layer else None
             if not why:
                 continue
             dq.meta[KEEP_DENSE] = layer
@@ -53,8 +53,8 @@ class KeepSensitiveBF16:
                 self._warned.add(layer)
                 warnings.warn(
                     f"nf4compile: {layer} is sensitive ({why}) but its weight is NF4 in this compiled graph; "
-                    "it is not fused and computes from the dequantized weight. Keep it dense: "
-                    "nf4compile.quantize/load with keep_sensitive=True, or nf4compile.dequantize_model.",
+                    "it is left unfused (dequantize + matmul). Dequantize that weight before compiling; "
+                    "nf4compile.quantize/load keep sensitive layers dense unless keep_sensitive=False.",
                     stacklevel=2,
                 )
         return kept

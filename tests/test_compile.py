@@ -125,6 +125,9 @@ return [view_3]""")
         assert unfused.uuid() != first.uuid()
         two_linears(nf4compile.NF4Config(keep_sensitive=False))
         assert inductor_config.post_grad_custom_pre_pass.options == PassOptions(fuse=True, sensitive={})
+        later = Recorder("later")
+        inductor_config.post_grad_custom_pre_pass = later  # a user's pass set after quantize() replaces ours
+        assert register_inductor_passes().user_pass is later
 
     def test_uuid_folds_the_users_pass(self):
         plain = NF4PassManager().uuid()
@@ -143,6 +146,14 @@ return [view_3]""")
         graph = torch.fx.symbolic_trace(nn.ReLU()).graph
         manager(graph)
         assert len(a.graphs) == len(b.graphs) == 1
+
+
+def test_load_registers_the_passes(tmp_path):
+    nf4compile.save(two_linears(), tmp_path / "model.safetensors")
+    inductor_config.post_grad_custom_pre_pass = None
+    skeleton = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False)).to(bf16)
+    nf4compile.load(skeleton, tmp_path / "model.safetensors")
+    assert isinstance(inductor_config.post_grad_custom_pre_pass, NF4PassManager)
 
 
 def test_backend_applies_the_passes_without_the_global_hook():

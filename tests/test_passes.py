@@ -252,6 +252,14 @@ mm = aten.mm(view_27, permute_7)""")
         assert count(passes.apply(ep).graph, LINEAR) == 1
         assert count(ep.graph, DEQUANTIZE) == 1, "the caller's program is never edited"
 
+    def test_fp16_and_fp32(self):
+        for dtype in (torch.float16, torch.float32):
+            model = nf4compile.quantize(nn.Linear(64, 48).to(dtype))
+            x = torch.randn(2, 3, 64, dtype=dtype)
+            after = fused(exported(model, x))
+            assert count(after.graph, LINEAR) == 1 and count(after.graph, DEQUANTIZE) == 0
+            torch.testing.assert_close(after.module()(x), model(x), rtol=0, atol=0)
+
     def test_pass_returns_number_of_rewrites(self):
         model = nf4compile.quantize(nn.Linear(64, 48).to(bf16))
         ep = exported(model, torch.randn(3, 64, dtype=bf16))
