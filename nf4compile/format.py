@@ -160,7 +160,8 @@ def quantize_blockwise_dynamic(
     grid_index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).long()
     codes = _DYNAMIC_MAP_LUT.to(x.device)[grid_index]
     codes = torch.where((absmax == 0)[:, None], 0, codes)
-    return codes.view(-1)[: flat.numel()], absmax
+    # clone: a view into the padded buffer would drag the padding into every saved file
+    return codes.view(-1)[: flat.numel()].clone(), absmax
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
