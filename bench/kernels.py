@@ -1,0 +1,323 @@
+"""NF4 linear kernels against bf16 cuBLAS and what users would pick instead, on one GPU, in one run.
+
+    python bench/kernels.py [--tune] [--out DIR] [--shapes 4096x4096,...] [--ms 1,4,...]
+
+Methods per (N, K, M): bf16 F.linear (cuBLAS); unfused (our dequantize + cuBLAS); fused
+(torch.ops.nf4compile.linear, i.e. the dispatcher); bitsandbytes matmul_4bit (nf4, double quant, bf16
+compute) and torchao linear_nf4 under torch.compile, when installed; for M >= 256 also cuBLAS on the
+weight our dequantize produced (bf16_dequantized_w: the unfused path without its dequantize). NF4 weights are bitsandbytes'
+own quantize_4bit output when it is installed (our ops read its format as is), with double
+quantization and block size 64.
+
+Timing: triton.testing.do_bench (CUDA events, warm-up, median; it zeroes a 256 MB buffer before
+every call, so L2 is cold); calls under 100 us are also timed as CUDA-graph replays over enough
+weight copies to overflow L2 three times; the eager per-call cost (Python + dispatch) is reported
+separately. Bandwidth figures count the bytes a method must move (weights in its format, x, out) and
+compare them with a device-to-device copy measured in the same run.
+
+--tune times every candidate plan of the dispatcher first (ops/triton_linear.py) and writes the
+winners as tuned_configs_h100.json into --out; without it the dispatcher uses the shipped plans.
+Writes <gpu>-<date>.json and .png into --out (default bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import nf4compile  # noqa: F401  registers the ops and their CUDA kernels
+from nf4compile import format as nf4_format
+from nf4compile.ops import triton_linear
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
+MS = [1, 4, 16, 64, 256, 2048]
+BLOCK = 64
+L2_FLUSH_FACTOR = 3  # graph timing rotates through weight copies worth 3x the L2 size
+GRAPH_BELOW_US = 100.0
+
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+try:
+    from torchao.dtypes.nf4tensor import linear_nf4, to_nf4 as torchao_to_nf4
+except ImportError:
+    linear_nf4 = None
+
+
+def median_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def graph_us(make_call, copies: int) -> float:
+    """Median per call of a CUDA graph holding one call per weight copy (L2 never warm)."""
+    calls = [make_call(i) for i in range(copies)]
+    for call in calls:  # warm-up: plans chosen, kernels compiled, outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / copies)
+    return sorted(samples)[len(samples) // 2]
+
+
+def eager_call_us(fn, calls: int = 200) -> float:
+    """Host time per back-to-back call: the launch cost when it exceeds the GPU time."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def copy_bandwidth_tbps() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = median_us(lambda: dst.copy_(src))
+    return 2 * src.numel() / us / 1e6
+
+
+class NF4Weight:
+    """One NF4 weight in bitsandbytes' format (double quant), as our ops take it."""
+
+    def __init__(self, w: torch.Tensor):
+        self.N, self.K = w.shape
+        if bnb is not None:
+            packed, self.bnb_state = bnb.functional.quantize_4bit(
+                w, blocksize=BLOCK, compress_statistics=True, quant_type="nf4")
+            self.bnb_packed = packed
+            s = self.bnb_state
+            self.args = (packed.view(-1), s.absmax, s.state2.absmax, s.offset)
+        else:
+            packed, absmax = nf4_format.quantize_nf4(w, BLOCK)
+            codes, nested, offset = nf4_format.double_quantize(absmax)
+            self.args = (packed, codes, nested, offset)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.args)
+
+    def copy(self) -> "NF4Weight":
+        clone = object.__new__(NF4Weight)
+        clone.__dict__.update(self.__dict__)
+        clone.args = tuple(t.clone() for t in self.args)
+        return clone
+
+    def fused(self, x):
+        return torch.ops.nf4compile.linear(x, *self.args, BLOCK, self.N, self.K)
+
+    def unfused_weight(self, dtype=torch.bfloat16):
+        return torch.ops.nf4compile.dequantize(*self.args, BLOCK, [self.N, self.K], dtype)
+
+    def unfused(self, x):
+        return F.linear(x, self.unfused_weight(x.dtype))
+
+
+def check_against_bitsandbytes(weight: NF4Weight, w: torch.Tensor) -> dict:
+    ours = torch.ops.nf4compile.dequantize(*weight.args, BLOCK, [weight.N, weight.K], torch.bfloat16)
+    theirs = bnb.functional.dequantize_4bit(weight.bnb_packed, weight.bnb_state)
+    x = torch.randn(3, weight.K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ theirs.double().T
+    fused = weight.fused(x).double()
+    return {
+        "dequantize_bit_identical_to_bnb": bool(torch.equal(ours, theirs)),
+        "fused_rel_err_vs_bnb_weights": ((fused - ref).norm() / ref.norm()).item(),
+    }
+
+
+def tune(weight: NF4Weight, x: torch.Tensor) -> list:
+    timings = []
+    x2 = x.reshape(-1, weight.K)
+    plan = triton_linear.tune_plan(x2, *weight.args, BLOCK, weight.N, weight.K, None, False, timings)
+    return [{"plan": p, "us": ms * 1e3, "chosen": p is plan} for p, ms in timings]
+
+
+def bench_shape(N, K, ms, args, copy_tbps, rows, tuning, checks):
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    weight = NF4Weight(w)
+    if bnb is not None and not checks:
+        checks.update(check_against_bitsandbytes(weight, w))
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    dequant_us = median_us(lambda: torch.ops.nf4compile.dequantize(*weight.args, BLOCK, [N, K], torch.bfloat16))
+    dequant_tbps = (weight.nbytes() + N * K * 2) / dequant_us / 1e6
+    rows.append({"N": N, "K": K, "M": 0, "method": "dequantize", "us": dequant_us, "tbps": dequant_tbps,
+                 "pct_copy_bw": 100 * dequant_tbps / copy_tbps})
+    print(f"{N:>6}x{K:<6} dequantize {dequant_us:8.1f}us {dequant_tbps:.2f} TB/s", flush=True)
+    ao_weight = torchao_to_nf4(w, BLOCK, 256) if linear_nf4 is not None and (N, K) in args.torchao_shapes else None
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        io_bytes = (M * K + M * N) * 2
+        if args.tune:
+            tuning.append({"N": N, "K": K, "M": M, "candidates": tune(weight, x)})
+        methods = {
+            "bf16": (lambda: F.linear(x, w), N * K * 2),
+            "unfused": (lambda: weight.unfused(x), weight.nbytes()),
+            "fused": (lambda: weight.fused(x), weight.nbytes()),
+        }
+        if M >= 256:  # cuBLAS on the weight our dequantize produced: the unfused path minus dequant
+            w_dq = weight.unfused_weight()
+            methods["bf16_dequantized_w"] = (lambda: F.linear(x, w_dq), N * K * 2)
+        if bnb is not None:
+            methods["bnb"] = (lambda: bnb.matmul_4bit(x, weight.bnb_packed.t(), weight.bnb_state), weight.nbytes())
+        if ao_weight is not None and M in args.torchao_ms:
+            torch._dynamo.reset()  # torchao specializes per shape; compile afresh
+            compiled = torch.compile(linear_nf4)
+            methods["torchao"] = (lambda: compiled(x, ao_weight), weight.nbytes())
+        for name, (fn, weight_bytes) in methods.items():
+            us = median_us(fn)
+            row = {"N": N, "K": K, "M": M, "method": name, "us": us}
+            if us < GRAPH_BELOW_US and name in ("bf16", "unfused", "fused"):
+                copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / weight_bytes))
+                row["us_graph"] = graph_us(_graph_call(name, w, weight, x, copies), copies)
+            row["tbps"] = (weight_bytes + io_bytes) / min(row["us"], row.get("us_graph", math.inf)) / 1e6
+            row["pct_copy_bw"] = 100 * row["tbps"] / copy_tbps
+            rows.append(row)
+        point = [r for r in rows if (r["N"], r["K"], r["M"]) == (N, K, M)]
+        bf16 = point[0]
+        for r in point:
+            # Like with like: graph times where both have one (few-us kernels), else do_bench medians.
+            key = "us_graph" if "us_graph" in r and "us_graph" in bf16 else "us"
+            r["speedup_vs_bf16"] = bf16[key] / r[key]
+            r["speedup_timing"] = key
+        line = "  ".join(f"{r['method']} {r[r['speedup_timing']]:8.1f}us x{r['speedup_vs_bf16']:.2f}" for r in point)
+        print(f"{N:>6}x{K:<6} M={M:<5} {line}", flush=True)
+    del weight, w, ao_weight
+    torch.cuda.empty_cache()
+
+
+def _graph_call(name, w, weight, x, copies):
+    # Each call reads its own weight copy; copies are made lazily so one method's copies at a time.
+    if name == "bf16":
+        ws = [w.clone() for _ in range(copies)]
+        return lambda i: (lambda: F.linear(x, ws[i]))
+    weights = [weight.copy() for _ in range(copies)]
+    return lambda i: (lambda: getattr(weights[i], name)(x))
+
+
+def eager_overheads() -> dict:
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    weight = NF4Weight(w)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    return {
+        "shape": "4096x4096, M=1",
+        "bf16_host_us_per_call": eager_call_us(lambda: F.linear(x, w)),
+        "fused_host_us_per_call": eager_call_us(lambda: weight.fused(x)),
+        "unfused_host_us_per_call": eager_call_us(lambda: weight.unfused(x)),
+    }
+
+
+def export_plans(path: Path, meta: dict) -> None:
+    plans = [
+        {"x_at_w": xw, "N": n, "K": k, "m_bucket": b, **plan}
+        for (xw, n, k, b, dtype, block), plan in sorted(triton_linear._PLANS.items(), key=str)
+        if dtype == torch.bfloat16 and block == BLOCK
+    ]
+    path.write_text(json.dumps({**meta, "plans": plans}, indent=1) + "\n")
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: s[0] * s[1])
+    fig, axes = plt.subplots(2, math.ceil(len(shapes) / 2), figsize=(4.2 * math.ceil(len(shapes) / 2), 7.5),
+                             squeeze=False)
+    for ax, (N, K) in zip(axes.flat, shapes):
+        for method in ("fused", "unfused", "bnb", "torchao"):
+            pts = sorted((r["M"], r["speedup_vs_bf16"]) for r in rows if (r["N"], r["K"], r["method"]) == (N, K, method))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="bf16 cuBLAS")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{N} x {K}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("speedup over bf16")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--torchao-shapes", default="4096x4096,28672x8192")
+    parser.add_argument("--torchao-ms", default="1,2048")
+    parser.add_argument("--profile", action="store_true", help="only run the fused op 3 times per point (for ncu)")
+    args = parser.parse_args()
+    parse_shapes = lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",") if p]
+    shapes, ms = parse_shapes(args.shapes), [int(m) for m in args.ms.split(",")]
+    args.torchao_shapes = parse_shapes(args.torchao_shapes)
+    args.torchao_ms = [int(m) for m in args.torchao_ms.split(",") if m]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.profile:
+        for N, K in shapes:
+            weight = NF4Weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16))
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                for _ in range(3):
+                    weight.fused(x)
+        torch.cuda.synchronize()
+        return
+    gpu = torch.cuda.get_device_name(0)
+    meta = {
+        "gpu": gpu,
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": getattr(bnb, "__version__", None),
+        "torchao": __import__("torchao").__version__ if linear_nf4 is not None else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "block_size": BLOCK,
+        "double_quant": True,
+        "timing": "do_bench median (L2 zeroed before each call); us_graph: CUDA-graph replay over weight "
+                  f"copies worth {L2_FLUSH_FACTOR}x L2; a speedup compares graph times where both methods "
+                  "have one, do_bench medians otherwise",
+    }
+    meta["copy_tbps"] = copy_bandwidth_tbps()
+    print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  copy {meta['copy_tbps']:.2f} TB/s")
+    rows, tuning, checks = [], [], {}
+    for N, K in shapes:
+        bench_shape(N, K, ms, args, meta["copy_tbps"], rows, tuning, checks)
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + "-" + meta["date"][:10]
+    result = {**meta, "checks": checks, "eager_overhead": eager_overheads(), "rows": rows}
+    if args.tune:
+        result["tuning"] = tuning
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.tune:
+        export_plans(args.out / "tuned_configs_h100.json", {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+    plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
+    print(json.dumps({"checks": checks, "eager_overhead": result["eager_overhead"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""CUDA implementation of ``nf4compile.linear``: fused NF4 GEMV and GEMM kernels and their dispatcher.
+
+Three paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
+passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
+  gemv     x @ W.T for M <= GEMV_MAX_M (tuned: up to 4): dot products on CUDA cores, W read once, split-K when N is
+           small. Bound by HBM bandwidth and by one codebook lookup per weight.
+  mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
+           dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
+           side, so M = 8..16 costs about what M = 1 costs.
+  dequant  dequantize to x.dtype, then cuBLAS: for large M, where cuBLAS's GEMM outruns a Triton
+           kernel that decodes each weight tile once per M tile by more than writing the dense weight
+           costs; also for blocks that span rows (K % block_size != 0) and other dtypes.
+Which path and which kernel config serve a (orientation, N, K, M bucket) is a "plan". Plans come
+from ops/tuned_configs_h100.json on an H100, from tuning once per key when NF4COMPILE_AUTOTUNE=1,
+and otherwise from the measured defaults below. A plan, once chosen, is cached: never re-tuned.
+
+Activations: fp16 and bf16 take every path. fp32 activations take the gemv path (exact fp32
+arithmetic) or dequantize to fp32 + torch.matmul, which keeps torch's TF32 setting in charge; the
+fused tensor-core path is not used for fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from nf4compile.ops.nf4_ops import check_scales, linear, linear_output_shape
+from nf4compile.ops.triton_dequantize import (
+    load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, well_formed,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TUNED_CONFIGS = Path(__file__).with_name("tuned_configs_h100.json")
+
+# Measured on an H100 (bench/NOTES.md): gemv wins at M = 1 and ties mm at M = 2, mm wins up to
+# MM_MAX_M, dequantize + cuBLAS above. Used where no tuned plan covers the shape. The gemv kernel
+# serves at most GEMV_LIMIT_M rows (one accumulator pass per row).
+GEMV_MAX_M = 2
+GEMV_LIMIT_M = 4
+MM_MAX_M = 256
+
+
+@triton.jit
+def _decode_tile(
+    table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+    rows, row_mask, k0, K, stride_w,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """W[rows, k0 : k0 + GROUPS * SUB] as codebook values [len(rows), GROUPS, SUB] (fp32, zero
+    outside W) and the scales of its groups [len(rows), GROUPS]: W = values * scales[:, :, None].
+
+    Needs K % QBLOCK == 0 (no quantization block spans two rows), so a group of SUB columns has one
+    scale, loaded once per group rather than once per weight.
+    """
+    g_col = k0 + tl.arange(0, GROUPS) * SUB
+    mask = row_mask[:, None] & (g_col < K)[None, :]
+    # The codes as 32-bit words (stride_w: words per row): a constant shift and a mask per code
+    # cost fewer instructions than unpacking bytes first.
+    word_col = g_col[:, None] // 8 + tl.arange(0, SUB // 8)[None, :]
+    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None].to(tl.int64) * stride_w
+    w = masked_load(word_ptr + word_col[None, :, :], mask[:, :, None], 0, EVEN)
+    codes = tl.reshape(_word_codes(w), [rows.shape[0], GROUPS, SUB])
+    blk = rows[:, None] * (K // QBLOCK) + g_col[None, :] // QBLOCK
+    scale = load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_QUANT, EVEN)
+    # One lookup (one staging of the table) for the whole tile.
+    return lookup(table, codes), scale
+
+
+@triton.jit
+def _word_codes(w):
+    """The 8 codes of each little-endian word in element order, as a new minor axis of 8.
+
+    Code p sits at bit 8 * (p // 2) + 4 * (1 - p % 2) (element 2j is the high nibble of byte j).
+    tl.join stacks along a new minor axis, so three levels of joins place the innermost pair's
+    choice at 4 (codes p and p + 4), the middle at 2 and the outer at 1.
+    """
+    return tl.join(
+        tl.join(tl.join(_nib(w, 4), _nib(w, 20)), tl.join(_nib(w, 12), _nib(w, 28))),
+        tl.join(tl.join(_nib(w, 0), _nib(w, 16)), tl.join(_nib(w, 8), _nib(w, 24))),
+    )
+
+
+@triton.jit
+def _nib(w, shift: tl.constexpr):
+    return (w >> shift) & 0xF
+
+
+# gemv -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_w, stride_xm, stride_om,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr,
+):
+    # A program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams that slice in
+    # steps of BLOCK_K columns; all M (<= BLOCK_M) rows of x reuse each decoded weight.
+    BLOCK_K: tl.constexpr = GROUPS * SUB
+    pid_k = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    m = tl.arange(0, BLOCK_M)
+    g_col = tl.arange(0, GROUPS) * SUB
+    cols = g_col[:, None] + tl.arange(0, SUB)[None, :]
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
+    for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K, num_stages=NUM_STAGES):
+        values, scale = _decode_tile(
+            table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+            rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+        )
+        # One x row at a time, reduced to a [BLOCK_N] vector: the tile stays in the layout it was
+        # loaded in and acc in the layout of the reduction (a 4-D broadcast over M, or a 3-D
+        # accumulator, made Triton move them through shared memory every step). Scales multiply
+        # the per-group partial sums, not each weight.
+        for i in tl.static_range(BLOCK_M):
+            # Rows past M (M not a power of two) re-read row M - 1; they are never stored.
+            x_row = x_ptr + tl.minimum(M - 1, i) * stride_xm + k0
+            x = masked_load(x_row + cols, (k0 + g_col < K)[:, None], 0.0, EVEN).to(tl.float32)
+            part = tl.sum(tl.sum(values * x[None, :, :], axis=2) * scale, axis=1)
+            acc += tl.where((m == i)[None, :], part[:, None], 0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
+    offs = m[None, :] * stride_om + rows[:, None]
+    mask = (m < M)[None, :] & row_mask[:, None]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptr + offs, acc, mask=mask, sem="relaxed")
+
+
+# BLOCK_N rows x BLOCK_K columns per step: 1-4 KB of codes. Taller tiles give a thread several rows
+# over the same columns, so each x element is converted once for all of them.
+GEMV_CONFIGS = [
+    dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=4),
+    dict(BLOCK_N=4, BLOCK_K=512, SPLIT_K=1, num_warps=2, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
+]
+
+
+def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config):
+    """Launch wrapper: x2 [M, K] @ W.T (+ bias) -> [M, N] in x2.dtype, for M <= GEMV_LIMIT_M rows."""
+    M = x2.shape[0]
+    split_k = config["SPLIT_K"]
+    out = _output(M, N, x2, split_k)
+    code, dyn = lookup_tables(x2.device)
+    sub = min(config["BLOCK_K"], block_size)
+    grid = (-(-N // config["BLOCK_N"]), split_k)
+    _nf4_gemv_kernel[grid](
+        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
+        bias if bias is not None else out, out,
+        M, N, K, K // 8, x2.stride(0), out.stride(0),
+        QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=_m_bucket(M), BLOCK_N=config["BLOCK_N"],
+        GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
+        EVEN=N % config["BLOCK_N"] == 0 and K % config["BLOCK_K"] == 0,
+        num_warps=config["num_warps"],
+    )
+    return out if split_k == 1 else out.to(x2.dtype)
+
+
+# mm ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_mm_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_w, stride_xm, stride_om,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
+    GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+):
+    # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
+    # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
+    # its codes come from L2 after the first of them.
+    if X_AT_W:
+        OUT = K
+        RED = N
+    else:
+        OUT = N
+        RED = K
+    pid_k = tl.program_id(2)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    red_per_split = tl.cdiv(tl.cdiv(RED, BLOCK_RED), SPLIT_K) * BLOCK_RED
+    r_start = pid_k * red_per_split
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
+    for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
+        r = r0 + tl.arange(0, BLOCK_RED)
+        if X_AT_W:
+            values, scale = _decode_tile(
+                table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+            )
+            a = tl.trans(tl.reshape(values * scale[:, :, None], [BLOCK_RED, BLOCK_OUT]))
+        else:
+            values, scale = _decode_tile(
+                table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+            )
+            a = tl.reshape(values * scale[:, :, None], [BLOCK_OUT, BLOCK_RED])
+        # Rows of x past M are always masked (M is free); the reduced axis only when not EVEN.
+        x_mask = (m < M)[None, :]
+        if not EVEN:
+            x_mask = x_mask & (r < RED)[:, None]
+        x_t = tl.load(x_ptr + m[None, :] * stride_xm + r[:, None], mask=x_mask, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE), acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
+    offs = m[None, :] * stride_om + o[:, None]
+    mask = (m < M)[None, :] & (o < OUT)[:, None]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptr + offs, acc, mask=mask, sem="relaxed")
+
+
+# BLOCK_M is the MMA's narrow side: 16 covers M <= 16 with one tile. Small-M configs split K to put
+# work on all SMs; large-M configs are classic GEMM tiles.
+MM_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_OUT=256, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+]
+
+
+def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, config):
+    """Launch wrapper: x2 [M, K] @ W.T, or x2 [M, N] @ W with ``x_at_w`` (+ bias), in x2.dtype."""
+    M = x2.shape[0]
+    out_dim = K if x_at_w else N
+    split_k = config["SPLIT_K"]
+    out = _output(M, out_dim, x2, split_k)
+    code, dyn = lookup_tables(x2.device)
+    tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
+    sub = min(tile_w, block_size)
+    grid = (-(-M // config["BLOCK_M"]), -(-out_dim // config["BLOCK_OUT"]), split_k)
+    _nf4_mm_kernel[grid](
+        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
+        bias if bias is not None else out, out,
+        M, N, K, K // 8, x2.stride(0), out.stride(0),
+        QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
+        # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
+        X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
+        BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
+        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k,
+        EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out if split_k == 1 else out.to(x2.dtype)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _nested_args(absmax, nested_absmax, offset):
+    # Without double quantization the kernels never read these; any pointer fills the slots.
+    if nested_absmax is None:
+        return absmax, absmax
+    return nested_absmax, offset
+
+
+def _output(M, out_dim, x2, split_k):
+    # Split-K programs add fp32 partial sums into a zeroed buffer, cast once afterwards.
+    if split_k == 1:
+        return torch.empty(M, out_dim, dtype=x2.dtype, device=x2.device)
+    return torch.zeros(M, out_dim, dtype=torch.float32, device=x2.device)
+
+
+# dispatch ---------------------------------------------------------------------------------------
+
+
+def _m_bucket(M: int) -> int:
+    return min(1 << (M - 1).bit_length(), 4096)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _split_for(tiles: int, steps: int, sms: int) -> int:
+    """Split-K factor that brings the grid to about two programs per SM, keeping >= 4 steps each."""
+    split = 1
+    while tiles * split < 2 * sms and steps // (2 * split) >= 4 and split < 8:
+        split *= 2
+    return split
+
+
+def default_plan(M, N, K, x_at_w, dtype, device) -> dict:
+    """The plan where nothing was tuned: thresholds on M, tile sizes by M, split-K to fill the SMs."""
+    mixed = dtype in _TL_DTYPES
+    sms = _num_sms(device)
+    if not x_at_w and M <= GEMV_MAX_M:
+        config = dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3)
+        config["SPLIT_K"] = _split_for(triton.cdiv(N, 8), triton.cdiv(K, 512), sms)
+        return {"path": "gemv", "config": config}
+    if not mixed or M > MM_MAX_M:
+        return {"path": "dequant"}
+    block_m = min(max(triton.next_power_of_2(M), 16), 64)
+    out_dim, red = (K, N) if x_at_w else (N, K)
+    config = dict(BLOCK_M=block_m, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3)
+    config["SPLIT_K"] = _split_for(triton.cdiv(M, block_m) * triton.cdiv(out_dim, 64), triton.cdiv(red, 128), sms)
+    return {"path": "mm", "config": config}
+
+
+def candidate_plans(M, x_at_w, dtype) -> list[dict]:
+    """Every plan the tuner times for a call with M activation rows."""
+    plans = [{"path": "dequant"}]
+    bucket = _m_bucket(M)
+    if not x_at_w and bucket <= GEMV_LIMIT_M:
+        plans += [{"path": "gemv", "config": c} for c in GEMV_CONFIGS]
+    if dtype in _TL_DTYPES:
+        # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
+        fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)
+        plans += [{"path": "mm", "config": c} for c in MM_CONFIGS if fits(c)]
+    return plans
+
+
+def run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w):
+    """[M, out] = x2 @ W.T or x2 @ W (+ bias) along ``plan``."""
+    if plan["path"] == "gemv":
+        return nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"])
+    if plan["path"] == "mm":
+        return nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, plan["config"])
+    weight = nf4_dequantize(packed, absmax, nested_absmax, offset, block_size, [N, K], x2.dtype)
+    bias = None if bias is None else bias.to(x2.dtype)
+    if x_at_w:
+        return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+    return torch.nn.functional.linear(x2, weight, bias)
+
+
+_PLANS: dict[tuple, dict] = {}
+_SHIPPED: Optional[dict[tuple, dict]] = None
+
+
+def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
+    """Plans tuned on an H100 by bench/kernels.py --tune, used on H100s only."""
+    global _SHIPPED
+    if _SHIPPED is None:
+        _SHIPPED = {}
+        if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) and TUNED_CONFIGS.exists():
+            for entry in json.loads(TUNED_CONFIGS.read_text())["plans"]:
+                key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])
+                _SHIPPED[key] = {k: entry[k] for k in ("path", "config") if k in entry}
+    return _SHIPPED
+
+
+def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
+    # A bucket that was not tuned borrows the plan of the nearest tuned bucket of the same shape,
+    # if that plan can serve this M and dtype.
+    x_at_w, N, K, bucket = key
+    usable = []
+    for (xw, n, k, b), plan in _shipped_plans(device).items():
+        if (xw, n, k) != (x_at_w, N, K):
+            continue
+        if (plan["path"] == "gemv" and M > GEMV_LIMIT_M) or (plan["path"] == "mm" and dtype not in _TL_DTYPES):
+            continue
+        usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
+    return min(usable, key=lambda t: t[:2])[2] if usable else None
+
+
+def tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, timings=None) -> dict:
+    """Time every candidate plan on these very arguments (L2 flushed, median) and cache the fastest;
+    ``timings``, a list, receives (plan, ms) for each candidate."""
+    best, best_ms = None, float("inf")
+    for plan in candidate_plans(x2.shape[0], x_at_w, x2.dtype):
+        run = lambda: run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
+        try:
+            ms = triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if timings is not None:
+            timings.append((plan, ms))
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    _PLANS[(x_at_w, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)] = best
+    return best
+
+
+def plan_for(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w) -> dict:
+    M = x2.shape[0]
+    key = (x_at_w, N, K, _m_bucket(M), x2.dtype, block_size)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if K % block_size or x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        plan = {"path": "dequant"}
+    else:
+        plan = _nearest_shipped(key[:4], M, x2.dtype, x2.device)
+    if plan is None:
+        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+        if os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET:
+            return tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
+        plan = default_plan(M, N, K, x_at_w, x2.dtype, x2.device)
+    _PLANS[key] = plan
+    return plan
+
+
+def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None,
+               x_at_w=False, plan=None):
+    """``nf4compile.linear`` on CUDA tensors (any tensors under TRITON_INTERPRET=1); ``plan`` forces a path."""
+    N, K = out_features, in_features
+    red, out_dim = (N, K) if x_at_w else (K, N)
+    if x.dim() == 0 or x.shape[-1] != red:
+        linear_output_shape(x, N, K, x_at_w)  # raises
+    if not well_formed(packed, absmax, nested_absmax, offset, block_size, N * K):
+        check_scales(packed, absmax, nested_absmax, offset, block_size, N * K)
+    out_shape = (*x.shape[:-1], out_dim)
+    x2 = x.reshape(-1, red)
+    if x2.shape[0] == 0:
+        return x.new_empty(out_shape)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    # The kernels index the codes and scales as flat arrays (host time matters at decode: no
+    # reshape or view that is not needed).
+    if packed.dim() != 1:
+        packed, absmax = packed.reshape(-1), absmax.reshape(-1)
+    args = (x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
+    plan = plan or plan_for(*args)
+    if packed.data_ptr() % 4:  # the fused kernels read the codes as 32-bit words
+        plan = {"path": "dequant"}
+    out = run_plan(plan, *args)
+    return out if x.dim() == 2 else out.view(out_shape)
+
+
+@linear.register_kernel("cuda")
+def _linear_cuda(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None,
+                 x_at_w=False):
+    return nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, x_at_w)

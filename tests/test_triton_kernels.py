@@ -1,0 +1,289 @@
+"""The Triton kernels of ops/triton_dequantize.py and ops/triton_linear.py against float64 references.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, on small and odd shapes. The
+variable must be set before Triton is imported (its own @jit helpers, tl.interleave among them, are
+decorated at import) and conftest.py imports the package first, so `test_under_interpreter` runs
+this file again in a subprocess with the variable set; in the parent process the other tests skip.
+The interpreter computes bf16 wrongly, so the kernels do their arithmetic in fp32 there (the mm
+kernel's tl.dot included); it truncates fp32 -> bf16/fp16 casts, so dequantized values may be one
+ulp below the reference. On a GPU the same tests run compiled, with exact dequantization, plus the
+`cuda`-marked tests on Llama shapes through the registered ops.
+
+Tolerances: dequantize is bit-exact (fp32 always; fp16/bf16 on a GPU), one ulp under the interpreter.
+The fused linear paths must land within a relative Frobenius error of 1e-2 of x64 @ W64 (bf16
+output rounding alone gives ~2e-3; any indexing or scale error gives O(1)); fp32 gemv within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nf4compile import format as nf4_format  # noqa: E402
+from nf4compile.ops import triton_dequantize, triton_linear  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = triton_linear.INTERPRET
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_run_here(request):
+    if not (CUDA or INTERPRETED) and request.node.originalname != "test_under_interpreter":
+        pytest.skip("runs in test_under_interpreter's TRITON_INTERPRET=1 subprocess")
+
+
+def test_under_interpreter():
+    if CUDA or INTERPRETED:
+        pytest.skip("the kernels run in this process")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        cwd=Path(__file__).parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=900,
+    )
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+
+
+def make_weight(N, K, block_size, double_quant, device=DEVICE):
+    """Fresh random NF4 weight -> (packed, absmax, nested, offset) and its float64 dequantization."""
+    w = torch.randn(N, K, device=device) * torch.rand(N, 1, device=device)  # scales vary per row
+    packed, absmax = nf4_format.quantize_nf4(w, block_size)
+    nested = offset = None
+    if double_quant:
+        absmax, nested, offset = nf4_format.double_quantize(absmax)
+    scales = absmax if nested is None else nf4_format.dequantize_absmax(absmax, nested, offset)
+    w64 = nf4_format.dequantize_nf4(packed, scales, block_size, (N, K), torch.float64)
+    return (packed, absmax, nested, offset), w64
+
+
+def rel_err(out, ref):
+    assert not out.isnan().any(), "NaN in output (unwritten or poisoned element)"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# dequantize -------------------------------------------------------------------------------------
+
+# (N, K, block_size): K = block, blocks spanning rows, odd element counts, a partial last block.
+DEQUANT_SHAPES = [(8, 64, 64), (37, 96, 32), (33, 33, 64), (5, 200, 128), (3, 1000, 256), (1, 7, 32)]
+
+
+@pytest.mark.parametrize("N,K,block_size", DEQUANT_SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_matches_reference(N, K, block_size, double_quant, dtype):
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, block_size, double_quant)
+    out = triton_dequantize.nf4_dequantize(packed, absmax, nested, offset, block_size, [N, K], dtype)
+    # The reference rounds the fp32 product once, as the kernel must.
+    ref = w64.float().to(dtype)
+    assert out.shape == (N, K) and out.dtype == dtype
+    if dtype == torch.float32 or CUDA:
+        assert torch.equal(out, ref)
+    else:  # the interpreter truncates fp32 -> 16-bit: at most one ulp towards zero
+        ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((out.float() - ref.float()).abs() <= ulp).all()
+
+
+def test_dequantize_empty():
+    packed = torch.empty(0, dtype=torch.uint8, device=DEVICE)
+    absmax = torch.empty(0, device=DEVICE)
+    out = triton_dequantize.nf4_dequantize(packed, absmax, None, None, 64, [0, 64], torch.bfloat16)
+    assert out.shape == (0, 64)
+
+
+# linear, one path at a time ---------------------------------------------------------------------
+
+# Small tiles so that the odd shapes below take several steps, partial tiles and masked groups.
+GEMV = {"path": "gemv", "config": dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)}
+GEMV_SPLIT = {"path": "gemv", "config": dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2)}
+MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
+MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
+MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
+DEQUANT = {"path": "dequant"}
+
+# (N, K, block_size, double_quant): N and K not powers of two, K = block size, K < a tile, and
+# (32, 256) where the tiles divide the weight (the kernels drop their masks there: EVEN).
+LINEAR_CASES = [
+    (40, 192, 64, True),
+    (37, 96, 32, False),
+    (24, 64, 64, True),
+    (19, 320, 64, False),
+    (32, 256, 64, True),
+]
+
+
+def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=False, x_shape=None):
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, block_size, double_quant)
+    red, out_dim = (N, K) if x_at_w else (K, N)
+    x = torch.randn(*(x_shape or (M,)), red, device=DEVICE).to(dtype)
+    b = torch.randn(out_dim, device=DEVICE, dtype=dtype) if bias else None
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, block_size, N, K, b, x_at_w, plan=plan)
+    ref = x.double() @ (w64 if x_at_w else w64.T)
+    if bias:
+        ref = ref + b.double()
+    assert out.shape == ref.shape and out.dtype == dtype
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, ref) < limit
+
+
+@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT], ids=["gemv", "gemv-splitk"])
+@pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv(plan, N, K, block_size, double_quant, M):
+    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=M == 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemv_dtypes(dtype):
+    _check_linear(GEMV, 40, 192, 64, True, 2, dtype, bias=True)
+
+
+@pytest.mark.parametrize("plan", [MM, MM_SPLIT, MM_WIDE], ids=["mm", "mm-splitk", "mm-wide"])
+@pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
+@pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
+def test_mm(plan, N, K, block_size, double_quant, x_at_w):
+    M = 17 if plan is MM_WIDE else 3
+    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=not x_at_w, x_at_w=x_at_w)
+
+
+@pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
+def test_mm_fp16_and_batch_dims(x_at_w):
+    _check_linear(MM, 40, 192, 64, True, None, torch.float16, bias=True, x_at_w=x_at_w, x_shape=(2, 9))
+
+
+@pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
+def test_dequant_path(x_at_w):
+    _check_linear(DEQUANT, 37, 96, 32, True, 5, torch.bfloat16, bias=True, x_at_w=x_at_w)
+
+
+# linear through the dispatcher ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_dispatch_numerics(M):
+    _check_linear(None, 40, 192, 64, True, M, torch.bfloat16, bias=True)
+
+
+def test_dispatch_blocks_spanning_rows():
+    # K % block_size != 0: a block straddles two rows, which only the dequantize path handles.
+    (packed, absmax, nested, offset), w64 = make_weight(33, 33, 64, True)
+    x = torch.randn(3, 33, device=DEVICE, dtype=torch.bfloat16)
+    assert triton_linear.plan_for(x, packed, absmax, nested, offset, 64, 33, 33, None, False)["path"] == "dequant"
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, 33, 33)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
+
+
+def test_dispatch_strided_input_and_empty_batch():
+    (packed, absmax, nested, offset), w64 = make_weight(24, 64, 64, False)
+    x = torch.randn(64, 6, device=DEVICE, dtype=torch.bfloat16).t()  # [6, 64], column-major
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, 24, 64)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
+    empty = torch.empty(2, 0, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert triton_linear.nf4_linear(empty, packed, absmax, nested, offset, 64, 24, 64).shape == (2, 0, 24)
+
+
+def test_dispatch_unaligned_codes():
+    # The fused kernels read codes as 32-bit words; codes at an odd address go through dequantize.
+    (packed, absmax, nested, offset), w64 = make_weight(24, 64, 64, True)
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    shifted[1:] = packed
+    x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
+    out = triton_linear.nf4_linear(x, shifted[1:], absmax, nested, offset, 64, 24, 64, plan=GEMV)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
+
+
+def test_dispatch_rule():
+    """Default plans (no tuned entry): gemv up to GEMV_MAX_M, mm up to MM_MAX_M, then dequant."""
+    plan = triton_linear.default_plan
+    dev = torch.device(DEVICE)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert plan(1, 4096, 4096, False, bf16, dev)["path"] == "gemv"
+    assert plan(triton_linear.GEMV_MAX_M, 4096, 4096, False, bf16, dev)["path"] == "gemv"
+    assert plan(triton_linear.GEMV_MAX_M + 1, 4096, 4096, False, bf16, dev)["path"] == "mm"
+    assert plan(1, 4096, 4096, True, bf16, dev)["path"] == "mm"  # no gemv for x @ W
+    assert plan(triton_linear.MM_MAX_M, 4096, 4096, False, bf16, dev)["path"] == "mm"
+    assert plan(triton_linear.MM_MAX_M + 1, 4096, 4096, False, bf16, dev)["path"] == "dequant"
+    assert plan(1, 4096, 4096, False, fp32, dev)["path"] == "gemv"
+    assert plan(16, 4096, 4096, False, fp32, dev)["path"] == "dequant"  # fp32 never takes tl.dot
+    # A small N asks for split-K so that the grid covers the SMs.
+    assert plan(1, 256, 8192, False, bf16, dev)["config"]["SPLIT_K"] > 1
+
+
+def test_plan_is_cached():
+    (packed, absmax, nested, offset), _ = make_weight(24, 64, 64, False)
+    x = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
+    args = (x, packed, absmax, nested, offset, 64, 24, 64, None, False)
+    assert triton_linear.plan_for(*args) is triton_linear.plan_for(*args)
+
+
+def test_shipped_configs_are_candidates():
+    if not triton_linear.TUNED_CONFIGS.exists():
+        pytest.skip("no tuned configs shipped")
+    entries = json.loads(triton_linear.TUNED_CONFIGS.read_text())["plans"]
+    assert entries
+    for e in entries:
+        candidates = triton_linear.candidate_plans(e["m_bucket"], e["x_at_w"], torch.bfloat16)
+        assert {k: e[k] for k in ("path", "config") if k in e} in candidates, e
+
+
+# On a GPU: Llama shapes through the registered ops -----------------------------------------------
+
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+
+
+@pytest.mark.parametrize("N,K", LLAMA_SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256, 2048])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.cuda
+@requires_cuda
+def test_llama_shapes_cuda(N, K, M, double_quant):
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, double_quant)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    out = torch.ops.nf4compile.linear(x, packed, absmax, nested, offset, 64, N, K, bias)
+    assert rel_err(out, x.double() @ w64.T + bias.double()) < 1e-2
+    grad = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    out_t = torch.ops.nf4compile.linear(grad, packed, absmax, nested, offset, 64, N, K, None, True)
+    assert rel_err(out_t, grad.double() @ w64) < 1e-2
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_dequantize_op_cuda_bit_exact():
+    (packed, absmax, nested, offset), w64 = make_weight(11008, 4096, 64, True)
+    out = torch.ops.nf4compile.dequantize(packed, absmax, nested, offset, 64, [11008, 4096], torch.bfloat16)
+    assert torch.equal(out, w64.float().to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_backward_and_cuda_graph():
+    (packed, absmax, nested, offset), w64 = make_weight(4096, 4096, 64, True)
+    x = torch.randn(2, 3, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = torch.ops.nf4compile.linear(x, packed, absmax, nested, offset, 64, 4096, 4096)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert rel_err(x.grad, grad.double() @ w64) < 1e-2
+    # Plans are chosen on the first (eager) call; a captured graph replays the same kernels.
+    static_x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.ops.nf4compile.linear(static_x, packed, absmax, nested, offset, 64, 4096, 4096)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = torch.ops.nf4compile.linear(static_x, packed, absmax, nested, offset, 64, 4096, 4096)
+    static_x.copy_(torch.randn_like(static_x))
+    static_out.fill_(float("nan"))
+    graph.replay()
+    assert rel_err(static_out, static_x.double() @ w64.T) < 1e-2
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
