@@ -8,6 +8,7 @@
 from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
 from nf4compile.export import export, parameter_names
 from nf4compile.format import NF4_CODEBOOK
+from nf4compile.pretrained import save_pretrained
 from nf4compile.quantize import NF4Config, dequantize_model, quantize, summary
 from nf4compile.serialization import CheckpointError, load, save
 from nf4compile.tensor import NF4Tensor, to_nf4
@@ -23,6 +24,7 @@ __all__ = [
     "parameter_names",
     "quantize",
     "save",
+    "save_pretrained",
     "summary",
     "to_nf4",
 ]

@@ -81,6 +81,22 @@ def demo(args: argparse.Namespace) -> None:
           f"NF4 eager {eager_ms:.1f} ms, NF4 compiled {compiled_ms:.1f} ms (first call incl. compile {compile_s:.1f} s)")
 
 
+def quantize_folder(args: argparse.Namespace) -> None:
+    import nf4compile
+    from nf4compile.pretrained import quantize_directory
+
+    try:
+        config = nf4compile.NF4Config(
+            block_size=args.block_size, double_quant=not args.no_double_quant, method=args.method,
+            keep_budget=args.keep_budget, scale_search=True if args.scale_search else None,
+        )
+        model = quantize_directory(args.model_dir, args.out_dir, config, args.calibrate)
+    except (ValueError, TypeError, OSError) as e:
+        sys.exit(f"nf4compile quantize: error: {e}")
+    print(nf4compile.summary(model))
+    print(f"wrote {args.out_dir} (loads with transformers' from_pretrained through bitsandbytes)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nf4compile", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--tokens", type=int, default=16)
     demo_parser.add_argument("--repeats", type=int, default=10)
     demo_parser.set_defaults(run=demo)
+    quantize_parser = commands.add_parser(
+        "quantize", help="quantize a local transformers model folder into one that transformers + bitsandbytes load"
+    )
+    quantize_parser.add_argument("model_dir")
+    quantize_parser.add_argument("out_dir")
+    quantize_parser.add_argument("--calibrate", metavar="TEXT_FILE", help="calibration text, one sample per line")
+    quantize_parser.add_argument("--block-size", type=int, default=64)
+    quantize_parser.add_argument("--no-double-quant", action="store_true")
+    quantize_parser.add_argument("--method", choices=["nearest", "gptq"], default="nearest")
+    quantize_parser.add_argument("--keep-budget", type=float, default=0.0, help="fraction of the NF4 bytes for dense layers")
+    quantize_parser.add_argument("--scale-search", action="store_true", help="(on by default with --method gptq)")
+    quantize_parser.set_defaults(run=quantize_folder)
     args = parser.parse_args(argv)
     args.run(args)
 

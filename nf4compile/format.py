@@ -103,6 +103,27 @@ def quantize_nf4(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     return pack_codes(codes.to(torch.uint8)), absmax
 
 
+def nearest_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """NF4 code of each ``value / scale`` by bitsandbytes' rule (``scales`` broadcasts against
+    ``values``; a zero scale gives code 7). Any scale is valid in the format: bitsandbytes only
+    ever multiplies the code by it."""
+    inv = torch.where(scales == 0, 0.0, 1.0 / scales)
+    scaled = (values * inv).clamp_(-1, 1)
+    return torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).to(torch.uint8)
+
+
+def quantize_nf4_with_scales(weight: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """NF4 codes of ``weight`` for given per-block scales (e.g. clipped ones) -> packed uint8.
+
+    ``absmax`` is the fp32 scale per block that bitsandbytes will multiply by (with double
+    quantization: the reconstructed scale, ``dequantize_absmax``), so the result dequantizes to the
+    nearest grid point of every element under exactly those scales.
+    """
+    flat = weight.reshape(-1).to(torch.float32)
+    codes = nearest_codes(_blocks(flat, block_size), absmax.reshape(-1, 1).to(torch.float32))
+    return pack_codes(codes.view(-1)[: flat.numel()])
+
+
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     if codes.numel() % 2:  # bitsandbytes pads an odd count with the code of 0.0
         codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])

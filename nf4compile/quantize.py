@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,14 @@ class NF4Config(AOBaseConfig):
     min_numel: layers whose weight has fewer elements stay dense.
     fuse: torch.compile fuses dequantize + matmul into nf4compile.linear (off: to benchmark the unfused graph;
     also NF4COMPILE_FUSE=0). Applies to compilations after this call (the Inductor passes are global).
+
+    Calibrated NF4 (nf4compile.calibrate; same format, better accuracy):
+    scale_search: per block, the scale ≤ absmax with the smallest (activation-weighted, given
+    calibration data) reconstruction error. None: on with method="gptq", off otherwise.
+    method: "nearest" (bitsandbytes' rounding) or "gptq" (error-compensating rounding; needs
+    calibration data and in_features % block_size == 0).
+    keep_budget: keep the layers most sensitive on the calibration data in their original dtype,
+    spending at most this fraction of the all-NF4 bytes (needs calibration data).
     """
 
     block_size: int = 64
@@ -42,6 +50,9 @@ class NF4Config(AOBaseConfig):
     keep_sensitive: bool = True
     min_numel: int = 0
     fuse: bool = True
+    scale_search: Optional[bool] = None
+    method: str = "nearest"
+    keep_budget: float = 0.0
 
     def __post_init__(self):
         nf4_format.check_block_size(self.block_size)
@@ -53,6 +64,16 @@ class NF4Config(AOBaseConfig):
                 setattr(self, name, tuple(value))
         if self.min_numel < 0:
             raise ValueError(f"NF4Config.min_numel must be >= 0, got {self.min_numel}")
+        if self.method not in ("nearest", "gptq"):
+            raise ValueError(f"NF4Config.method must be 'nearest' or 'gptq', got {self.method!r}")
+        if not 0 <= self.keep_budget < 1:
+            raise ValueError(f"NF4Config.keep_budget is a fraction of the NF4 bytes in [0, 1), got {self.keep_budget}")
+        if self.scale_search is None:
+            self.scale_search = self.method == "gptq"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale_search or self.method == "gptq" or self.keep_budget > 0
 
 
 def _skip_reason(
@@ -77,15 +98,28 @@ def _skip_reason(
     return None
 
 
+def _calibrator(model: nn.Module, todo: list[tuple[str, nn.Module]], config: NF4Config, calibration: Optional[Iterable]):
+    if not config.calibrated:
+        if calibration is not None:
+            raise ValueError("calibration data given, but the NF4Config uses none (set scale_search, method='gptq' or keep_budget)")
+        return None
+    from nf4compile.calibrate import Calibrator
+
+    return Calibrator(model, dict(todo), config, calibration)
+
+
 def quantize(
     model: nn.Module,
     config: Optional[NF4Config] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     *,
+    calibration: Optional[Iterable] = None,
     show_progress: Optional[bool] = None,
 ) -> nn.Module:
     """Replace the weight of every eligible ``nn.Linear``/``Conv1D`` by an NF4Tensor, in place.
 
+    ``calibration``: model inputs (tensors, tuples of positional inputs or dicts of keyword inputs)
+    for the calibrated modes of ``config`` (scale_search, method="gptq", keep_budget).
     Everything is validated and quantized before any weight is swapped in: on any error the model
     is exactly as it was. Returns ``model``.
     """
@@ -104,20 +138,26 @@ def quantize(
         else:
             skipped[name] = reason
 
-    staged: list[tuple[nn.Module, NF4Tensor]] = []
+    staged: list[tuple[str, nn.Module, NF4Tensor]] = []
     progress = tqdm(todo, desc="nf4compile.quantize", unit="layer", disable=show_progress is False or (show_progress is None and len(todo) < 32))
-    for name, module in progress:
-        weight = module.weight.detach()
-        try:
-            check_quantizable(weight, f"{name}.weight" if name else "weight")
-            if is_conv1d(module):  # Conv1D holds [in, out]; NF4 data is [out, in] as in bitsandbytes
-                staged.append((module, to_nf4(weight.t(), config.block_size, config.double_quant).t()))
-            else:
-                staged.append((module, to_nf4(weight, config.block_size, config.double_quant)))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"nf4compile.quantize: model left unchanged: {e}") from None
+    try:
+        for name, module in todo:  # every weight is checked before any (possibly long) calibration pass
+            check_quantizable(module.weight.detach(), f"{name}.weight" if name else "weight")
+        calibrator = _calibrator(model, todo, config, calibration)
+        for name, module in progress:
+            weight = module.weight.detach()
+            conv1d = is_conv1d(module)  # Conv1D holds [in, out]; NF4 data is [out, in] as in bitsandbytes
+            weight = weight.t() if conv1d else weight
+            nf4 = calibrator.to_nf4(name, weight) if calibrator else to_nf4(weight, config.block_size, config.double_quant)
+            staged.append((name, module, nf4.t() if conv1d else nf4))
+        if config.keep_budget:
+            kept = calibrator.keep_dense(model, {name: weight for name, _, weight in staged})
+            staged = [entry for entry in staged if entry[0] not in kept]
+            skipped.update(kept)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"nf4compile.quantize: model left unchanged: {e}") from None
 
-    for module, weight in staged:
+    for _, module, weight in staged:
         module.weight = nn.Parameter(weight, requires_grad=False)
         register_state_dict_hooks(module)
     model._nf4compile_skipped = {**getattr(model, "_nf4compile_skipped", {}), **skipped}
