@@ -8,8 +8,9 @@
 from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
 from nf4compile.export import export, parameter_names
 from nf4compile.format import NF4_CODEBOOK
-from nf4compile.pretrained import save_pretrained
+from nf4compile.pretrained import from_pretrained, save_pretrained
 from nf4compile.quantize import NF4Config, dequantize_model, quantize, summary
+from nf4compile.report import Report, report
 from nf4compile.serialization import CheckpointError, load, save
 from nf4compile.tensor import NF4Tensor, to_nf4
 
@@ -18,11 +19,14 @@ __all__ = [
     "CheckpointError",
     "NF4Config",
     "NF4Tensor",
+    "Report",
     "dequantize_model",
     "export",
+    "from_pretrained",
     "load",
     "parameter_names",
     "quantize",
+    "report",
     "save",
     "save_pretrained",
     "summary",

@@ -2,11 +2,14 @@
 
 A folder is ``config.json`` with a ``quantization_config`` (transformers' ``BitsAndBytesConfig``)
 plus ``model.safetensors`` in bitsandbytes' state-dict layout (``nf4compile.save``).
+``from_pretrained(folder)`` reads such a folder back (ours, or one transformers + bitsandbytes wrote).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -15,7 +18,7 @@ from torch import nn
 
 from nf4compile.policy import quantizable_layers
 from nf4compile.quantize import NF4Config, quantize
-from nf4compile.serialization import save
+from nf4compile.serialization import load, save
 from nf4compile.tensor import NF4Tensor
 
 PathLike = Union[str, os.PathLike]
@@ -52,6 +55,73 @@ def save_pretrained(model: nn.Module, out_dir: PathLike) -> Path:
     config.save_pretrained(out)
     save(model, out / "model.safetensors")
     return out
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Construct modules with their parameters on the meta device and their buffers real.
+
+    A checkpoint supplies every parameter; non-persistent buffers (rotary ``inv_freq``, position ids) are
+    computed at construction and never saved, so they must not land on meta (as ``torch.device("meta")``
+    would put them). The CPU parameter is allocated (untouched pages, no cost) and moved at once.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _read_folder_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise ValueError(f"{folder}: no model.safetensors (nor a sharded model.safetensors.index.json)")
+    tensors: dict = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
+def from_pretrained(model_dir: PathLike, *, device=None, keep_sensitive: bool = True) -> nn.Module:
+    """Load a local transformers/bitsandbytes 4-bit folder (``config.json`` with a ``quantization_config``
+    of ``load_in_4bit``, nf4, with or without double quant, + ``model.safetensors``) as an nf4compile model.
+
+    The model is built from the config with its parameters on the meta device (no memory, no init), then
+    ``nf4compile.load`` assigns the checkpoint: NF4 weights become NF4Tensors bit for bit (no re-quantizing),
+    the rest is taken as stored. Local folders only; no hub access.
+    """
+    import transformers
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{model_dir}: not a directory (nf4compile.from_pretrained reads local folders only)")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    quant = getattr(config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant or {})
+    if not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
+        raise ValueError(f"{folder}: config.json has no bitsandbytes load_in_4bit quantization_config ({quant or 'none'})")
+    if quant.get("bnb_4bit_quant_type") != "nf4":
+        raise ValueError(f"{folder}: bnb_4bit_quant_type is {quant.get('bnb_4bit_quant_type')!r}; nf4compile reads NF4 only")
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    with _parameters_on_meta():
+        if model_class is not None:
+            model = model_class(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    load(model, _read_folder_weights(folder), keep_sensitive=keep_sensitive)
+    return model.to(device).eval() if device is not None else model.eval()
 
 
 def quantize_directory(

@@ -1,0 +1,424 @@
+"""End to end: prefill and decode of Llama-2-7B / Llama-3-8B shapes (random weights), every method side by side.
+
+    PYTHONPATH=. python bench/e2e.py [--gpu-budget-s 420] [--out bench/results] [--small]
+    PYTHONPATH=. python bench/e2e.py --plot bench/results/<file>.json      # PNG from a JSON (e.g. on a laptop)
+
+Methods: bf16 compiled; nf4compile compiled (fused); nf4compile compiled unfused (the Inductor pass off);
+bitsandbytes NF4 (nf4, double quant, bf16 compute; Linear4bit modules as transformers' loader installs
+them) eager, and compiled; torchao NF4 compiled; bf16 eager as an anchor. Configurations run in priority
+order (PLAN) until --gpu-budget-s is spent; the JSON is rewritten after each one, so a run cut short still
+leaves every finished result, and a configuration that fails is recorded with its error.
+
+Per configuration: prefill ms (the prompt through the model, eagerly: like transformers' generate with a
+compile_config, only the one-token decode step is compiled), decode tokens/s per sequence (N-1 decode
+steps after a warm-up run; x batch for the total), peak GPU memory (this model's weights + KV cache +
+activations + CUDA-graph pools), weight memory (what building the model left allocated; GB = 1e9 bytes)
+and compile time (the warm-up generate: decode-step compile, CUDA-graph recording, one prefill).
+
+The compiled-generation recipe (README "Compiled generation"): eager prefill allocates the static KV
+cache outside any CUDA graph; only ``decode_step`` is compiled (``mode="reduce-overhead"``, CUDA graphs);
+``torch.compiler.cudagraph_mark_step_begin()`` before each step; the returned token is cloned before the
+next replay overwrites it; one cache per configuration, ``reset()`` between runs (same addresses, no
+re-recording).
+
+--small: tiny shapes on the CPU (what CI runs so this script cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+START = time.monotonic()
+
+MODELS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+SMALL_MODELS = {  # same structure (MHA vs GQA), CPU-sized; every weight a multiple of 64 x 256 (torchao's NF4)
+    "llama-2-7b": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256),
+    "llama-3-8b": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=1, vocab_size=4000, max_position_embeddings=256, rope_theta=500000.0),
+}
+# (model, batch, method), most important first: the budget cuts from the end.
+# nf4compile before bf16: if only one compile fits, its absolute numbers (tok/s, GB) still answer the targets.
+PLAN = [
+    ("llama-2-7b", 1, "nf4compile"),
+    ("llama-2-7b", 1, "bf16-compiled"),
+    ("llama-2-7b", 8, "nf4compile"),
+    ("llama-2-7b", 8, "bf16-compiled"),
+    ("llama-2-7b", 1, "bnb-eager"),
+    ("llama-2-7b", 8, "bnb-eager"),
+    ("llama-2-7b", 1, "nf4compile-unfused"),
+    ("llama-3-8b", 1, "bf16-compiled"),
+    ("llama-3-8b", 1, "nf4compile"),
+    ("llama-2-7b", 1, "torchao-compiled"),
+    ("llama-2-7b", 1, "bnb-compiled"),
+    ("llama-2-7b", 1, "bf16-eager"),
+    ("llama-3-8b", 8, "bf16-compiled"),
+    ("llama-3-8b", 8, "nf4compile"),
+    ("llama-2-7b", 8, "nf4compile-unfused"),
+]
+COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "bnb-compiled", "torchao-compiled"}
+FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-unfused"}  # the others: compiled "if that works"
+WARMUP_TOKENS = 3  # the decode step runs twice: CUDA-graph trees warm up, then record
+PREFILL_REPEATS = 3
+
+
+# --- generation (the recipe) ------------------------------------------------------------------------
+
+
+def decode_step(model, cache, token, position):
+    """One token in, the next greedy token out: the only compiled function."""
+    logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def new_cache(model, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def generate(model, prompt, new_tokens: int, step=decode_step, cache=None, timings: dict | None = None):
+    """Greedy decoding with a static KV cache: eager prefill, then ``step`` per token. Returns prompt + new tokens.
+
+    ``timings`` (if given) receives prefill_s and decode_s, measured with device syncs around each phase.
+    """
+    batch, length = prompt.shape
+    device = prompt.device
+    if cache is None:
+        cache = new_cache(model, length + new_tokens)
+    else:
+        cache.reset()
+    # Positions made before the loop: a host->device copy inside it would wait for the previous step.
+    positions = [torch.tensor([[length + i]], device=device) for i in range(new_tokens - 1)]
+    sync(device)
+    start = time.perf_counter()
+    logits = model(input_ids=prompt, position_ids=torch.arange(length, device=device)[None],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    prefill_end = time.perf_counter()
+    tokens = [token]
+    for position in positions:
+        torch.compiler.cudagraph_mark_step_begin()
+        token = step(model, cache, token, position).clone()  # the graph's output buffer is reused next step
+        tokens.append(token)
+    sync(device)
+    if timings is not None:
+        timings.update(prefill_s=prefill_end - start, decode_s=time.perf_counter() - prefill_end)
+    return torch.cat([prompt, *tokens], dim=1)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def build_bf16(name: str, shapes: dict, device) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shapes[name], tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device(device):  # random init on the GPU: seconds for 7B, not minutes on the CPU
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def to_bnb(model: nn.Module) -> nn.Module:
+    """Every Linear but lm_head becomes bitsandbytes Linear4bit (nf4, double quant, bf16 compute), quantized
+    by Params4bit.to(device) as transformers' bitsandbytes loader does."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "lm_head":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                          device="meta")
+                weight = child.weight.detach()
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4", blocksize=64, module=layer).to(weight.device)
+                if child.bias is not None:
+                    layer.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, child_name, layer)
+    return model
+
+
+def to_torchao(model: nn.Module) -> nn.Module:
+    try:
+        from torchao.quantization import to_nf4  # torchao >= 0.15
+    except ImportError:
+        from torchao.dtypes.nf4tensor import to_nf4
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            module.weight = nn.Parameter(to_nf4(module.weight.detach(), 64, 256), requires_grad=False)
+    return model
+
+
+def build(name: str, method: str, shapes: dict, device) -> nn.Module:
+    import nf4compile
+
+    model = build_bf16(name, shapes, device)
+    if method.startswith("nf4compile"):
+        nf4compile.quantize(model, nf4compile.NF4Config(fuse=method == "nf4compile"))
+    elif method.startswith("bnb"):
+        to_bnb(model)
+    elif method.startswith("torchao"):
+        to_torchao(model)
+    return model
+
+
+def model_family(method: str) -> str:
+    """Methods that share one built model (the Inductor fuse switch is set per compile, not per model)."""
+    return method.split("-")[0]
+
+
+# --- one configuration -----------------------------------------------------------------------------
+
+
+def set_fusion(method: str) -> None:
+    if method.startswith("nf4compile"):
+        from nf4compile.passes import register_inductor_passes
+
+        register_inductor_passes(fuse=method == "nf4compile")
+
+
+def run_config(model, method: str, batch: int, args, device) -> dict:
+    vocab = model.config.vocab_size
+    torch.manual_seed(1)
+    prompt = torch.randint(3, vocab, (batch, args.prompt), device=device)
+    new_tokens = args.new_tokens if method in COMPILED else args.eager_new_tokens
+    step = decode_step
+    if method in COMPILED:
+        set_fusion(method)
+        mode = "reduce-overhead" if device.type == "cuda" and args.compile_backend == "inductor" else None
+        step = torch.compile(decode_step, backend=args.compile_backend, mode=mode, fullgraph=method in FULLGRAPH)
+    cache = new_cache(model, args.prompt + new_tokens)
+    if device.type == "cuda":
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.no_grad():
+        generate(model, prompt, WARMUP_TOKENS, step, cache)
+        warmup_s = time.perf_counter() - start
+        prefill_s = []
+        for _ in range(PREFILL_REPEATS):
+            timings: dict = {}
+            generate(model, prompt, 1, step, cache, timings)
+            prefill_s.append(timings["prefill_s"])
+        out = generate(model, prompt, new_tokens, step, cache, timings)
+    assert out.shape == (batch, args.prompt + new_tokens)
+    result = dict(
+        new_tokens=new_tokens,
+        prefill_ms=sorted(prefill_s)[len(prefill_s) // 2] * 1e3,
+        decode_tok_s=(new_tokens - 1) / timings["decode_s"],
+        decode_tok_s_total=batch * (new_tokens - 1) / timings["decode_s"],
+        compile_s=warmup_s if method in COMPILED else None,
+    )
+    if device.type == "cuda":
+        result["peak_gb"] = (torch.cuda.max_memory_allocated() - baseline + model._bench_weight_bytes) / 1e9
+    return result
+
+
+def cleanup(device) -> None:
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()  # frees the CUDA-graph memory pools
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def estimate_s(method: str, name: str, results: list, args) -> float:
+    """Seconds a configuration should take, from what already ran (compiles dominate)."""
+    compiled = [r["compile_s"] for r in results if r.get("compile_s") and r["model"] == name]
+    if method in COMPILED:
+        return 1.3 * max(compiled) + 10 if compiled else 0.0  # the first compile of a shape always runs
+    return 20.0
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        python=platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("torch", "triton", "transformers", "bitsandbytes", "torchao")},
+    )
+
+
+TARGETS = [  # (name, metric, threshold, higher is better) on llama-2-7b
+    ("decode tok/s, batch 1, nf4compile", lambda r: r[1, "nf4compile"]["decode_tok_s"], 300, True),
+    ("speedup over bf16 compiled, batch 1",
+     lambda r: r[1, "nf4compile"]["decode_tok_s"] / r[1, "bf16-compiled"]["decode_tok_s"], 2.2, True),
+    ("speedup over bf16 compiled, batch 8",
+     lambda r: r[8, "nf4compile"]["decode_tok_s"] / r[8, "bf16-compiled"]["decode_tok_s"], 1.8, True),
+    ("weight GB, nf4compile", lambda r: r[1, "nf4compile"]["weight_gb"], 4.0, False),
+    ("compile time / bf16's, batch 1", lambda r: r[1, "nf4compile"]["compile_s"] / r[1, "bf16-compiled"]["compile_s"], 1.5, False),
+]
+
+
+def targets(results: list) -> list:
+    done = {(r["batch"], r["method"]): r for r in results if r["model"] == "llama-2-7b" and r["status"] == "ok"}
+    rows = []
+    for name, metric, threshold, higher in TARGETS:
+        try:
+            value = metric(done)
+        except (KeyError, TypeError, ZeroDivisionError):
+            value = None
+        met = None if value is None else (value >= threshold if higher else value <= threshold)
+        rows.append(dict(target=name, value=value, threshold=threshold, met=met))
+    return rows
+
+
+def write_json(path: Path, report: dict) -> None:
+    report["targets"] = targets(report["results"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated file
+
+
+def plot(json_path: Path) -> Path | None:
+    """Decode tok/s, prefill ms, memory and compile time per configuration, as a PNG beside the JSON."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = json.loads(Path(json_path).read_text())
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    panels = [("decode_tok_s", "decode tokens/s per sequence"), ("prefill_ms", "prefill ms"),
+              ("peak_gb", "peak GPU memory GB (weight GB hatched)"), ("compile_s", "compile s (warm-up generate)")]
+    labels = [f"{r['model']} b{r['batch']}\n{r['method']}" for r in ok]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.7 * len(ok)), 3.2 * len(panels)))
+    colors = {"bf16": "tab:gray", "nf4compile": "tab:green", "bnb": "tab:blue", "torchao": "tab:orange"}
+    for ax, (key, title) in zip(axes, panels):
+        values = [r.get(key) or 0 for r in ok]
+        bars = ax.bar(range(len(ok)), values, color=[colors.get(model_family(r["method"]), "tab:purple") for r in ok])
+        ax.bar_label(bars, fmt="%.3g", fontsize=6)
+        if key == "peak_gb":
+            ax.bar(range(len(ok)), [r.get("weight_gb") or 0 for r in ok], fill=False, hatch="//")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=90)
+    fig.suptitle(f"{report['environment']['device']}: prompt {report['args']['prompt']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--gpu-budget-s", type=float, default=420.0,
+                        help="stop starting configurations whose estimated time exceeds what is left (from process start)")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode tokens for compiled methods")
+    parser.add_argument("--eager-new-tokens", type=int, default=32,
+                        help="decode tokens for eager methods (slow per token; tokens/s is a per-step average)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods in PLAN")
+    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU (CI)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend; CI's --small run uses 'eager' (tracing only: fullgraph checked, seconds not minutes)")
+    parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
+    args = parser.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return {}
+    if args.small:
+        args.prompt, args.new_tokens, args.eager_new_tokens = min(args.prompt, 16), min(args.new_tokens, 8), min(args.eager_new_tokens, 8)
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    shapes = SMALL_MODELS if args.small else MODELS
+    models, batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",") if args.methods else None
+    plan = [c for c in PLAN if c[0] in models and c[1] in batches and (methods is None or c[2] in methods)]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"e2e-{'small' if args.small else device.type}-{stamp}.json"
+    report = dict(environment=environment(device), args={k: str(v) for k, v in vars(args).items()}, results=[])
+    report["args"]["prompt"] = args.prompt
+    print(f"e2e: {len(plan)} configurations on {report['environment']['device']}; writing {path}", flush=True)
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: JSON only (pip install 'nf4compile[plot]', then --plot the JSON)")
+    png = None
+    built: dict = {}  # (model, family) -> model, kept for the other batch size while its shape is current
+    for name, batch, method in plan:
+        entry = dict(model=name, batch=batch, method=method)
+        left = args.gpu_budget_s - (time.monotonic() - START)
+        if estimate_s(method, name, report["results"], args) > left:
+            entry.update(status="skipped", reason=f"budget: {left:.0f} s left")
+        else:
+            try:
+                key = (name, model_family(method))
+                if key not in built:
+                    for other in [k for k in built if k[0] != name]:  # one shape on the device at a time
+                        del built[other]
+                    cleanup(device)
+                    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                    model = build(name, method, shapes, device)
+                    gc.collect()
+                    model._bench_weight_bytes = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
+                    built[key] = model
+                model = built[key]
+                entry.update(run_config(model, method, batch, args, device), status="ok")
+                if device.type == "cuda":
+                    entry["weight_gb"] = model._bench_weight_bytes / 1e9
+            except Exception as e:  # noqa: BLE001  one failing method must not lose the others' results
+                entry.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-4000:])
+            cleanup(device)
+        entry["elapsed_s"] = time.monotonic() - START
+        report["results"].append(entry)
+        write_json(path, report)
+        png = plot(path)  # after every configuration too: a run cut short keeps its picture
+        print(json.dumps({k: v for k, v in entry.items() if k != "trace"}), flush=True)
+    for row in report["targets"]:
+        print(f"target: {row['target']}: {row['value']} (threshold {row['threshold']}) met={row['met']}")
+    print(f"wrote {path}" + (f" and {png}" if png else ""), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

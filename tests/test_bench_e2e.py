@@ -1,0 +1,44 @@
+"""bench/e2e.py --small on the CPU, so the script the GPU run depends on cannot rot.
+
+Every method of the plan runs on the tiny Llama-2 shape at batch 1; compiled methods are traced with the
+"eager" backend (fullgraph checked, no Inductor: test_models.py compiles for real).
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_small_run_writes_every_method(tmp_path):
+    e2e = _e2e()
+    report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--compile-backend", "eager", "--out", str(tmp_path)])
+    methods = {method for name, batch, method in e2e.PLAN if name == "llama-2-7b" and batch == 1}
+    results = {r["method"]: r for r in report["results"]}
+    assert set(results) == methods
+    for method, r in results.items():
+        assert r["status"] == "ok", (method, r.get("error"), r.get("trace"))
+        assert r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 and r["new_tokens"] == 8
+        assert (r["compile_s"] is not None) == (method in e2e.COMPILED)
+    (written,) = tmp_path.glob("e2e-small-*.json")
+    assert json.loads(written.read_text())["results"] == json.loads(json.dumps(report["results"]))
+    assert [t["target"] for t in report["targets"]] == [t[0] for t in e2e.TARGETS]
+    if importlib.util.find_spec("matplotlib"):
+        assert written.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    e2e = _e2e()
+    report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--methods", "bf16-eager",
+                       "--gpu-budget-s", "0", "--out", str(tmp_path)])
+    (entry,) = report["results"]
+    assert entry["status"] == "skipped" and "budget" in entry["reason"]

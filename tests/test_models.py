@@ -1,0 +1,169 @@
+"""transformers LLMs end to end: quantize, generate eagerly and compiled, compare with the dequantized model.
+
+The reference is ``nf4compile.dequantize_model(copy.deepcopy(model))``: the same NF4 weights as dense bf16,
+so any difference is kernel, compiler or cache rounding, never quantization error. Checked by teacher
+forcing: the reference reads the generated sequence in one forward, and at every generated position
+- the logits differ by at most LOGIT_BOUND,
+- the generated token is the reference's argmax wherever its top-2 margin exceeds LOGIT_BOUND.
+
+Two recipes for compiled generation with a static KV cache (README, "Compiled generation"):
+1. transformers' own: ``generate(..., cache_implementation="static", compile_config=CompileConfig(...))``
+   compiles the one-token decode step only; prefill runs eagerly and allocates the cache outside any graph.
+2. our loop (bench/e2e.py ``generate``): eager prefill, ``torch.compile`` of a decode step that returns
+   the next token, ``torch.compiler.cudagraph_mark_step_begin()`` before each step, the token cloned.
+Compiling ``model.forward`` itself (so prefill too) is what breaks under CUDA graphs: the static cache
+allocates its tensors lazily in the first forward, inside the graph, and the next replay overwrites them.
+
+CI compiles two architectures (Llama by recipe 1, GPT-2's Conv1D by recipe 2); the full matrix with
+``mode="reduce-overhead"`` (CUDA graphs) runs on the GPU.
+"""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+from transformers.generation.configuration_utils import CompileConfig
+
+import nf4compile
+
+LOGIT_BOUND = 0.03  # measured on the CPU (logits ~N(0, 0.25)): 0.004-0.008 eager, 0.0045 compiled
+# GPU: the fused Triton kernels accumulate in another order than cuBLAS on the dequantized weight.
+LOGIT_BOUND_CUDA = 0.05
+VOCAB, PROMPT, NEW_TOKENS = 512, 8, 8
+LINEAR = "torch.ops.nf4compile.linear.default"
+DEQUANTIZE = "torch.ops.nf4compile.dequantize.default"
+
+_common = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_common),
+    "mistral": lambda: MistralConfig(**_common, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_common),
+    "phi3": lambda: Phi3Config(**_common),  # fused qkv_proj and gate_up_proj
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=256,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0),  # Conv1D, tied lm_head
+}
+NF4_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "phi3": 8, "gpt2": 8}
+
+
+def _bench_e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quantized_pair(arch: str, device="cpu"):
+    """(NF4 model, its dequantized bf16 reference), random weights."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None  # random weights: always generate NEW_TOKENS
+    nf4compile.quantize(model)
+    return model, nf4compile.dequantize_model(copy.deepcopy(model))
+
+
+def hf_generate(model, ids, compile_config=None):
+    """(sequences, raw logits of every generated position [B, NEW_TOKENS, V]) by model.generate."""
+    kwargs = dict(cache_implementation="static", compile_config=compile_config) if compile_config else {}
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, **kwargs,
+    )
+    return out.sequences, torch.stack(out.logits, 1).float()
+
+
+def check_against_reference(reference, sequences, logits):
+    """Teacher-forced comparison; returns (max logit error, fraction of tokens the margin rule checks)."""
+    with torch.no_grad():
+        ref = reference(sequences).logits[:, PROMPT - 1 : -1].float()
+    bound = LOGIT_BOUND_CUDA if sequences.is_cuda else LOGIT_BOUND
+    error = (logits - ref).abs().max().item()
+    assert error <= bound, f"logits differ by {error} > {bound}"
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > bound
+    tokens = sequences[:, PROMPT:]
+    assert torch.equal(tokens[decided], ref.argmax(-1)[decided]), "a greedy token differs where the margin is clear"
+    return error, decided.float().mean().item()
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_generate_eagerly_matches_the_dequantized_model(arch):
+    model, reference = quantized_pair(arch)
+    assert sum(isinstance(m.weight, nf4compile.NF4Tensor) for m in model.modules() if hasattr(m, "weight")) == NF4_LAYERS[arch]
+    ids = torch.randint(3, VOCAB, (2, PROMPT))
+    with torch.no_grad():
+        sequences, logits = hf_generate(model, ids)
+    _, checked = check_against_reference(reference, sequences, logits)
+    assert checked > 0.25, "random logits: the margin rule should decide a good share of the tokens"
+
+
+def _cpu_compile_config():
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True  # transformers compiles generate's decode step on CUDA only by default
+    return config
+
+
+@pytest.mark.slow
+def test_compiled_generate_by_transformers_llama():
+    """Recipe 1 on the CPU: one compile of the decode step, fused NF4 linears, matching logits and tokens."""
+    torch._dynamo.reset()
+    model, reference = quantized_pair("llama")
+    ids = torch.randint(3, VOCAB, (2, PROMPT))
+    with torch.no_grad():
+        (sequences, logits), codes = run_and_get_code(hf_generate, model, ids, _cpu_compile_config())
+        again, _ = hf_generate(model, ids, _cpu_compile_config())
+    code = "\n".join(codes)
+    assert code.count(LINEAR + "(") == NF4_LAYERS["llama"] and DEQUANTIZE not in code
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "one decode graph, no recompiles"
+    assert torch.equal(again, sequences)
+    check_against_reference(reference, sequences, logits)
+
+
+@pytest.mark.slow
+def test_compiled_decode_loop_gpt2_conv1d():
+    """Recipe 2 (bench/e2e.py's loop) on GPT-2, whose Conv1D weights are NF4 computing ``x @ W``."""
+    torch._dynamo.reset()
+    e2e = _bench_e2e()
+    model, reference = quantized_pair("gpt2")
+    ids = torch.randint(3, VOCAB, (2, PROMPT))
+    with torch.no_grad():
+        eager = e2e.generate(model, ids, NEW_TOKENS, e2e.decode_step)
+        step = torch.compile(e2e.decode_step, fullgraph=True)
+        compiled, codes = run_and_get_code(e2e.generate, model, ids, NEW_TOKENS, step)
+    code = "\n".join(codes)
+    assert code.count(LINEAR + "(") == NF4_LAYERS["gpt2"] and DEQUANTIZE not in code
+    with torch.no_grad():
+        hf_sequences, logits = hf_generate(model, ids)
+    assert torch.equal(eager, hf_sequences)
+    check_against_reference(reference, compiled, _teacher_logits(model, compiled))
+
+
+def _teacher_logits(model, sequences):
+    with torch.no_grad():
+        return model(sequences).logits[:, PROMPT - 1 : -1].float()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_cuda_graphs_generate_full_matrix(arch):
+    """Both recipes with mode="reduce-overhead" on the GPU, every architecture, twice each (replays)."""
+    torch._dynamo.reset()
+    e2e = _bench_e2e()
+    model, reference = quantized_pair(arch, "cuda")
+    ids = torch.randint(3, VOCAB, (2, PROMPT), device="cuda")
+    graphs = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(2):
+            sequences, logits = hf_generate(model, ids, graphs)
+            check_against_reference(reference, sequences, logits)
+        step = torch.compile(e2e.decode_step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(2):
+            sequences = e2e.generate(model, ids, NEW_TOKENS, step)
+            check_against_reference(reference, sequences, _teacher_logits(model, sequences))
