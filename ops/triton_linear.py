@@ -6,7 +6,7 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            small. Bound by HBM bandwidth and by one codebook lookup per weight.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
-           side, so M = 8..16 costs about what M = 1 costs.
+           side and M only its narrow one, so M = 16 costs what M = 4 costs.
   dequant  dequantize to x.dtype, then cuBLAS: for large M, where cuBLAS's GEMM outruns a Triton
            kernel that decodes each weight tile once per M tile by more than writing the dense weight
            costs; also for blocks that span rows (K % block_size != 0) and other dtypes.
@@ -39,9 +39,10 @@ from nf4compile.ops.triton_dequantize import (
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TUNED_CONFIGS = Path(__file__).with_name("tuned_configs_h100.json")
 
-# Measured on an H100 (bench/NOTES.md): gemv wins at M = 1 and ties mm at M = 2, mm wins up to
-# MM_MAX_M, dequantize + cuBLAS above. Used where no tuned plan covers the shape. The gemv kernel
-# serves at most GEMV_LIMIT_M rows (one accumulator pass per row).
+# Measured on an H100 (bench/NOTES.md): gemv wins at M = 1 (7 of 7 shapes) and loses to mm at
+# M = 4 (6 of 7): gemv costs grow per row, mm's do not, so they cross near M = 2. mm beats
+# dequantize + cuBLAS at M = 64 (6 of 7) and ties it at M = 256; dequantize + cuBLAS wins at 2048.
+# Used where no tuned plan covers the shape. The gemv kernel serves at most GEMV_LIMIT_M rows.
 GEMV_MAX_M = 2
 GEMV_LIMIT_M = 4
 MM_MAX_M = 256
