@@ -97,6 +97,68 @@ def quantize_folder(args: argparse.Namespace) -> None:
     print(f"wrote {args.out_dir} (loads with transformers' from_pretrained through bitsandbytes)")
 
 
+def _dense_folder(model_dir):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    return (model_class or transformers.AutoModel).from_pretrained(model_dir, local_files_only=True).eval()
+
+
+def report_folder(args: argparse.Namespace) -> None:
+    """NF4 folder (bitsandbytes 4-bit config): report it, against --reference if given. Dense folder:
+    quantize a copy with the given settings and report it against the original."""
+    import json
+    from pathlib import Path
+
+    import nf4compile
+
+    try:
+        config = json.loads((Path(args.model_dir) / "config.json").read_text())
+        if config.get("quantization_config", {}).get("load_in_4bit"):
+            model = nf4compile.from_pretrained(args.model_dir)
+            reference = _dense_folder(args.reference) if args.reference else None
+        else:
+            reference = _dense_folder(args.model_dir)
+            settings = nf4compile.NF4Config(block_size=args.block_size, double_quant=not args.no_double_quant)
+            model = nf4compile.quantize(copy.deepcopy(reference), settings)
+    except (ValueError, TypeError, OSError) as e:
+        sys.exit(f"nf4compile report: error: {e}")
+    inputs = None
+    if reference is not None:
+        if args.text:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+            lines = [line for line in Path(args.text).read_text(encoding="utf-8").splitlines() if line.strip()]
+            inputs = dict(tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        else:  # random token ids: output errors on text the model never sees, but comparable between settings
+            inputs = torch.randint(0, model.config.vocab_size, (2, args.tokens), generator=torch.Generator().manual_seed(0))
+    result = nf4compile.report(model, reference, inputs)
+    print(result)
+    if args.json:
+        result.to_json(args.json)
+    if args.png:
+        result.plot(args.png)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Run bench/<which>.py with the remaining arguments (the scripts live in the source tree, not the wheel)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.which}.py"
+    if not script.is_file():
+        sys.exit(f"nf4compile bench: {script} not found (bench/ ships with the source repository, not the package)")
+    argv, sys.argv = sys.argv, [str(script), *args.args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nf4compile", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +178,24 @@ def main(argv: list[str] | None = None) -> None:
     quantize_parser.add_argument("--keep-budget", type=float, default=0.0, help="fraction of the NF4 bytes for dense layers")
     quantize_parser.add_argument("--scale-search", action="store_true", help="(on by default with --method gptq)")
     quantize_parser.set_defaults(run=quantize_folder)
+    report_parser = commands.add_parser(
+        "report", help="per-layer bytes and errors of a model folder (NF4, or dense: quantized for the report)"
+    )
+    report_parser.add_argument("model_dir", help="a bitsandbytes 4-bit folder, or a dense transformers folder")
+    report_parser.add_argument("--reference", metavar="DENSE_DIR", help="the original model of an NF4 folder (errors need it)")
+    report_parser.add_argument("--text", metavar="TEXT_FILE", help="inputs, one sample per line (default: random token ids)")
+    report_parser.add_argument("--tokens", type=int, default=64, help="length of the random inputs")
+    report_parser.add_argument("--block-size", type=int, default=64, help="for a dense folder")
+    report_parser.add_argument("--no-double-quant", action="store_true", help="for a dense folder")
+    report_parser.add_argument("--json", metavar="PATH")
+    report_parser.add_argument("--png", metavar="PATH", help="per-layer error plot (needs matplotlib)")
+    report_parser.set_defaults(run=report_folder)
+    bench_parser = commands.add_parser(
+        "bench", help="bench/kernels.py or bench/e2e.py from the source tree; `bench e2e --help` for their options"
+    )
+    bench_parser.add_argument("which", choices=["kernels", "e2e"])
+    bench_parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    bench_parser.set_defaults(run=bench)
     args = parser.parse_args(argv)
     args.run(args)
 

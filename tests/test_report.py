@@ -72,3 +72,25 @@ def test_flags_the_layer_nf4_hurts_most():
     assert [r.sensitive for r in report.layers] == [True, False, False], str(report)
     assert report.layers[0].output_rel_error > 0.5 and report.layers[0].weight_rel_error < 0.15
     assert "logit_kl" in report.model  # a plain tensor output is taken as logits
+
+
+def test_cli_report_of_a_dense_and_an_nf4_folder(llama_pair, tmp_path, capsys):
+    from nf4compile.__main__ import main
+
+    model, reference = llama_pair
+    reference.save_pretrained(tmp_path / "dense")
+    main(["report", str(tmp_path / "dense"), "--tokens", "8", "--json", str(tmp_path / "dense.json")])
+    dense = json.loads((tmp_path / "dense.json").read_text())
+    assert dense["model"]["top1_agreement"] > 0 and dense["layers"][0]["weight_rel_error"] > 0
+    nf4compile.save_pretrained(model, tmp_path / "nf4")
+    main(["report", str(tmp_path / "nf4"), "--reference", str(tmp_path / "dense"), "--tokens", "8"])
+    assert "logit KL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["report"], ["bench"], ["bench", "e2e"]])
+def test_cli_help(command, capsys):
+    from nf4compile.__main__ import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([*command, "--help"])
+    assert exit.value.code == 0 and "usage:" in capsys.readouterr().out
