@@ -2,8 +2,9 @@
 
 Three paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
 passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
-  gemv     x @ W.T for M <= GEMV_MAX_M (tuned: up to 4): dot products on CUDA cores, W read once, split-K when N is
-           small. Bound by HBM bandwidth and by one codebook lookup per weight.
+  gemv     x @ W.T for M <= GEMV_MAX_M (tuned plans: up to 4): dot products on CUDA cores, W read
+           once, split-K where N is small. Bound by the instructions that decode each weight (a
+           nibble shift and mask, a codebook lookup, a multiply-add), not by HBM: bench/NOTES.md.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs.
@@ -80,8 +81,9 @@ def _word_codes(w):
     """The 8 codes of each little-endian word in element order, as a new minor axis of 8.
 
     Code p sits at bit 8 * (p // 2) + 4 * (1 - p % 2) (element 2j is the high nibble of byte j).
-    tl.join stacks along a new minor axis, so three levels of joins place the innermost pair's
-    choice at 4 (codes p and p + 4), the middle at 2 and the outer at 1.
+    Each tl.join adds a minor axis of 2, so after three nested joins a code's position is
+    4 * (its place in the innermost pair) + 2 * (in the middle pair) + (in the outer pair):
+    hence the pairs (0, 4), (2, 6) | (1, 5), (3, 7), written below as their bit offsets.
     """
     return tl.join(
         tl.join(tl.join(_nib(w, 4), _nib(w, 20)), tl.join(_nib(w, 12), _nib(w, 28))),
