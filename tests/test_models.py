@@ -6,13 +6,16 @@ forcing: the reference reads the generated sequence in one forward, and at every
 - the logits differ by at most LOGIT_BOUND,
 - the generated token is the reference's argmax wherever its top-2 margin exceeds LOGIT_BOUND.
 
-Two recipes for compiled generation with a static KV cache (README, "Compiled generation"):
+Three recipes for compiled generation with a static KV cache (README, "Compiled generation"):
 1. transformers' own: ``generate(..., cache_implementation="static", compile_config=CompileConfig(...))``
    compiles the one-token decode step only; prefill runs eagerly and allocates the cache outside any graph.
 2. our loop (bench/e2e.py ``generate``): eager prefill, ``torch.compile`` of a decode step that returns
    the next token, ``torch.compiler.cudagraph_mark_step_begin()`` before each step, the token cloned.
-Compiling ``model.forward`` itself (so prefill too) is what breaks under CUDA graphs: the static cache
-allocates its tensors lazily in the first forward, inside the graph, and the next replay overwrites them.
+3. ``model.forward`` compiled by the user (so prefill too): pass generate a StaticCache allocated beforehand
+   (``early_initialization``) and ``disable_compile=True``. Without it, transformers' StaticLayer allocates its
+   tensors lazily in the first forward (its comment: "prefill should never be compiled"); inside a CUDA graph
+   they become graph outputs that the next replay overwrites: our reading of the "accessing tensor output of
+   CUDAGraphs that has been overwritten" seen on the H100 (not reproducible without a GPU).
 
 CI compiles two architectures (Llama by recipe 1, GPT-2's Conv1D by recipe 2); the full matrix with
 ``mode="reduce-overhead"`` (CUDA graphs) runs on the GPU.
@@ -150,20 +153,40 @@ def _teacher_logits(model, sequences):
         return model(sequences).logits[:, PROMPT - 1 : -1].float()
 
 
+def early_static_cache(model, batch, max_len):
+    """A StaticCache whose tensors exist before any compiled call (they are allocated lazily otherwise)."""
+    from transformers import StaticCache
+
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache.early_initialization(batch, heads, config.hidden_size // config.num_attention_heads, torch.bfloat16, model.device)
+    return cache
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_cuda_graphs_generate_full_matrix(arch):
-    """Both recipes with mode="reduce-overhead" on the GPU, every architecture, twice each (replays)."""
+    """Every recipe with mode="reduce-overhead" on the GPU, every architecture, twice each (replays)."""
     torch._dynamo.reset()
     e2e = _bench_e2e()
     model, reference = quantized_pair(arch, "cuda")
     ids = torch.randint(3, VOCAB, (2, PROMPT), device="cuda")
     graphs = CompileConfig(fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(2):  # 1. transformers compiles the decode step
             sequences, logits = hf_generate(model, ids, graphs)
             check_against_reference(reference, sequences, logits)
         step = torch.compile(e2e.decode_step, mode="reduce-overhead", fullgraph=True)
-        for _ in range(2):
-            sequences = e2e.generate(model, ids, NEW_TOKENS, step)
+        cache = e2e.new_cache(model, PROMPT + NEW_TOKENS)
+        for _ in range(2):  # 2. our loop: one cache, reset between runs
+            sequences = e2e.generate(model, ids, NEW_TOKENS, step, cache)
             check_against_reference(reference, sequences, _teacher_logits(model, sequences))
+        # 3. model.forward compiled by the user (prefill too): only with a cache allocated beforehand.
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        cache = early_static_cache(model, 2, PROMPT + NEW_TOKENS)
+        for _ in range(2):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True, disable_compile=True)
+            check_against_reference(reference, out.sequences, torch.stack(out.logits, 1).float())
+            cache.reset()
