@@ -12,7 +12,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
-from torch._inductor.utils import run_and_get_code
+from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import nf4compile
 from nf4compile.passes import NF4PassManager, PassOptions, register_inductor_passes
@@ -25,8 +25,9 @@ bf16 = torch.bfloat16
 
 @pytest.fixture(autouse=True)
 def clean_inductor_hooks():
-    """Each test starts with empty Inductor hooks and fresh dynamo caches, and leaves them as it found them."""
-    with inductor_config.patch(post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None):
+    """Each test starts with empty Inductor hooks and fresh dynamo and Inductor caches (a graph cached on
+    disk by an earlier run would skip the passes under test), and leaves them as it found them."""
+    with fresh_cache(), inductor_config.patch(post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None):
         torch._dynamo.reset()
         yield
     torch._dynamo.reset()
