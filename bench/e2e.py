@@ -21,13 +21,12 @@ cache outside any CUDA graph; only ``decode_step`` is compiled (``mode="reduce-o
 next replay overwrites it; one cache per configuration, ``reset()`` between runs (same addresses, no
 re-recording).
 
---small: tiny shapes on the CPU (what CI runs so this script cannot rot).
+--small: tiny shapes on the CPU (what CI runs so this script cannot rot); with --device cuda a GPU smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import importlib.util
@@ -181,7 +180,7 @@ def build(name: str, method: str, shapes: dict, device) -> nn.Module:
 
     model = build_bf16(name, shapes, device)
     if method.startswith("nf4compile"):
-        nf4compile.quantize(model, nf4compile.NF4Config(fuse=method == "nf4compile"))
+        nf4compile.quantize(model)  # fused or not is set per compile (set_fusion)
     elif method.startswith("bnb"):
         to_bnb(model)
     elif method.startswith("torchao"):
@@ -255,7 +254,7 @@ def cleanup(device) -> None:
         torch.cuda.empty_cache()
 
 
-def estimate_s(method: str, name: str, results: list, args) -> float:
+def estimate_s(method: str, results: list) -> float:
     """Seconds a configuration should take, from what already ran (compiles dominate)."""
     compiled = [r["compile_s"] for r in results if r.get("compile_s")]  # 7B and 8B compile alike
     if method in COMPILED:
@@ -362,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods in PLAN")
-    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU (CI)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes, on the CPU unless --device says otherwise (CI)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, cpu with --small")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend; CI's --small run uses 'eager' (tracing only: fullgraph checked, seconds not minutes)")
     parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.small:
         args.prompt, args.new_tokens, args.eager_new_tokens = min(args.prompt, 16), min(args.new_tokens, 8), min(args.eager_new_tokens, 8)
-    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    device = torch.device(args.device or ("cpu" if args.small or not torch.cuda.is_available() else "cuda"))
     shapes = SMALL_MODELS if args.small else MODELS
     models, batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
     methods = args.methods.split(",") if args.methods else None
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, batch, method in plan:
         entry = dict(model=name, batch=batch, method=method)
         left = args.gpu_budget_s - (time.monotonic() - START)
-        if estimate_s(method, name, report["results"], args) > left:
+        if estimate_s(method, report["results"]) > left:
             entry.update(status="skipped", reason=f"budget: {left:.0f} s left")
         else:
             try:

@@ -42,3 +42,16 @@ def test_budget_skips_what_does_not_fit(tmp_path):
                        "--gpu-budget-s", "0", "--out", str(tmp_path)])
     (entry,) = report["results"]
     assert entry["status"] == "skipped" and "budget" in entry["reason"]
+
+
+@pytest.mark.cuda
+def test_small_run_on_the_gpu(tmp_path):
+    """Every method on the GPU with tiny shapes, CUDA graphs and Inductor: the code paths of the real run."""
+    e2e = _e2e()
+    report = e2e.main(["--small", "--device", "cuda", "--batches", "1", "--models", "llama-2-7b", "--out", str(tmp_path)])
+    results = {r["method"]: r for r in report["results"]}
+    for method in ("nf4compile", "bf16-compiled", "nf4compile-unfused", "bnb-eager", "bf16-eager"):
+        assert results[method]["status"] == "ok", (method, results[method].get("trace"))
+        assert results[method]["peak_gb"] > 0 and results[method]["weight_gb"] > 0
+    assert results["nf4compile"]["fused_linear_calls"] == 14 and results["nf4compile"]["dequantize_calls"] == 0
+    assert results["nf4compile-unfused"]["fused_linear_calls"] == 0

@@ -166,27 +166,30 @@ def early_static_cache(model, batch, max_len):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", list(CONFIGS))
-def test_cuda_graphs_generate_full_matrix(arch):
-    """Every recipe with mode="reduce-overhead" on the GPU, every architecture, twice each (replays)."""
+@pytest.mark.parametrize("recipe", ["transformers", "loop", "forward"])
+def test_cuda_graphs_generate_full_matrix(recipe, arch):
+    """Each recipe with mode="reduce-overhead" (CUDA graphs) on every architecture, two generations (replays)."""
     torch._dynamo.reset()
-    e2e = _bench_e2e()
     model, reference = quantized_pair(arch, "cuda")
     ids = torch.randint(3, VOCAB, (2, PROMPT), device="cuda")
-    graphs = CompileConfig(fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():
-        for _ in range(2):  # 1. transformers compiles the decode step
-            sequences, logits = hf_generate(model, ids, graphs)
-            check_against_reference(reference, sequences, logits)
-        step = torch.compile(e2e.decode_step, mode="reduce-overhead", fullgraph=True)
-        cache = e2e.new_cache(model, PROMPT + NEW_TOKENS)
-        for _ in range(2):  # 2. our loop: one cache, reset between runs
-            sequences = e2e.generate(model, ids, NEW_TOKENS, step, cache)
-            check_against_reference(reference, sequences, _teacher_logits(model, sequences))
-        # 3. model.forward compiled by the user (prefill too): only with a cache allocated beforehand.
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        cache = early_static_cache(model, 2, PROMPT + NEW_TOKENS)
-        for _ in range(2):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True, disable_compile=True)
-            check_against_reference(reference, out.sequences, torch.stack(out.logits, 1).float())
-            cache.reset()
+        if recipe == "transformers":  # 1. generate compiles the decode step
+            graphs = CompileConfig(fullgraph=True, mode="reduce-overhead")
+            for _ in range(2):
+                check_against_reference(reference, *hf_generate(model, ids, graphs))
+        elif recipe == "loop":  # 2. our loop: one cache, reset between runs
+            e2e = _bench_e2e()
+            step = torch.compile(e2e.decode_step, mode="reduce-overhead", fullgraph=True)
+            cache = e2e.new_cache(model, PROMPT + NEW_TOKENS)
+            for _ in range(2):
+                sequences = e2e.generate(model, ids, NEW_TOKENS, step, cache)
+                check_against_reference(reference, sequences, _teacher_logits(model, sequences))
+        else:  # 3. model.forward compiled by the user (prefill too), with a cache allocated beforehand
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            cache = early_static_cache(model, 2, PROMPT + NEW_TOKENS)
+            for _ in range(2):
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                     max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True, disable_compile=True)
+                check_against_reference(reference, out.sequences, torch.stack(out.logits, 1).float())
+                cache.reset()
