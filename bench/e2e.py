@@ -36,6 +36,7 @@ import platform
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -180,7 +181,7 @@ def build(name: str, method: str, shapes: dict, device) -> nn.Module:
 
     model = build_bf16(name, shapes, device)
     if method.startswith("nf4compile"):
-        nf4compile.quantize(model)  # fused or not is set per compile (set_fusion)
+        nf4compile.quantize(model)  # fused or not is decided per compile (run_config)
     elif method.startswith("bnb"):
         to_bnb(model)
     elif method.startswith("torchao"):
@@ -189,18 +190,11 @@ def build(name: str, method: str, shapes: dict, device) -> nn.Module:
 
 
 def model_family(method: str) -> str:
-    """Methods that share one built model (the Inductor fuse switch is set per compile, not per model)."""
+    """Methods that share one built model (fusion is decided per compile, not per model)."""
     return method.split("-")[0]
 
 
 # --- one configuration -----------------------------------------------------------------------------
-
-
-def set_fusion(method: str) -> None:
-    if method.startswith("nf4compile"):
-        from nf4compile.passes import register_inductor_passes
-
-        register_inductor_passes(fuse=method == "nf4compile")
 
 
 def run_config(model, method: str, batch: int, args, device) -> dict:
@@ -210,7 +204,6 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     new_tokens = args.new_tokens if method in COMPILED else args.eager_new_tokens
     step = decode_step
     if method in COMPILED:
-        set_fusion(method)
         mode = "reduce-overhead" if device.type == "cuda" and args.compile_backend == "inductor" else None
         step = torch.compile(decode_step, backend=args.compile_backend, mode=mode, fullgraph=method in FULLGRAPH)
     cache = new_cache(model, args.prompt + new_tokens)
@@ -218,7 +211,9 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with torch.no_grad():
+    # Unfused: the Inductor pass leaves dequantize + matmul alone, for this compile only.
+    unfused = {"NF4COMPILE_FUSE": "0"} if method == "nf4compile-unfused" else {}
+    with torch.no_grad(), mock.patch.dict(os.environ, unfused):
         _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache)
         warmup_s = time.perf_counter() - start
         prefill_s = []
