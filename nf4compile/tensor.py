@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from nf4compile import format as nf4_format
-from nf4compile.ops import nf4_ops
+from nf4compile.ops import prepare_device
 
 aten = torch.ops.aten
 
@@ -74,6 +74,8 @@ class NF4Tensor(torch.Tensor):
         self.packed, self.absmax = packed, absmax
         self.nested_absmax, self.offset = nested_absmax, offset
         self.block_size, self.quant_shape, self.transposed = block_size, quant_shape, transposed
+        if packed.device.type == "cuda" and not is_fake(packed):
+            prepare_device(packed.device)
         return self
 
     def __init__(self, *args, **kwargs):

@@ -2,9 +2,20 @@
 
 import importlib.util
 
+import torch
+
 from nf4compile.ops.nf4_ops import dequantize, linear, quantize
 
-if importlib.util.find_spec("triton") is not None:  # Triton is a dependency on Linux only
-    from nf4compile.ops import triton_linear  # noqa: F401  registers the CUDA kernels
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # a dependency on Linux only
+if _HAS_TRITON:
+    from nf4compile.ops import triton_dequantize, triton_linear  # noqa: F401  registers the CUDA kernels
 
-__all__ = ["dequantize", "linear", "quantize"]
+
+def prepare_device(device: torch.device) -> None:
+    """Copy the kernels' lookup tables to ``device`` now, eagerly: if the first kernel call came in a
+    CUDA-graph warm-up (``mode="reduce-overhead"``), they would land in the graph's private pool."""
+    if _HAS_TRITON and device.type == "cuda":
+        triton_dequantize.lookup_tables(device)
+
+
+__all__ = ["dequantize", "linear", "prepare_device", "quantize"]

@@ -109,6 +109,6 @@ def llama_program():
     """
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 7))
-    dims = ({0: torch.export.Dim("batch", max=16), 1: torch.export.Dim("seq", max=64)},)
+    dims = ({0: torch.export.Dim("batch", min=1, max=16), 1: torch.export.Dim("seq", min=2, max=64)},)
     ep = torch.export.export(model, (ids,), dynamic_shapes=dims)
     return model, ep.run_decompositions()
