@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 from transformers.generation.configuration_utils import CompileConfig
@@ -117,6 +118,7 @@ def _cpu_compile_config():
 def test_compiled_generate_by_transformers_llama():
     """Recipe 1 on the CPU: one compile of the decode step, fused NF4 linears, matching logits and tokens."""
     torch._dynamo.reset()
+    counters.clear()
     model, reference = quantized_pair("llama")
     ids = torch.randint(3, VOCAB, (2, PROMPT))
     with torch.no_grad():
@@ -124,7 +126,7 @@ def test_compiled_generate_by_transformers_llama():
         again, _ = hf_generate(model, ids, _cpu_compile_config())
     code = "\n".join(codes)
     assert code.count(LINEAR + "(") == NF4_LAYERS["llama"] and DEQUANTIZE not in code
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "one decode graph, no recompiles"
+    assert counters["stats"]["unique_graphs"] == 1, "one decode graph, no recompiles"
     assert torch.equal(again, sequences)
     check_against_reference(reference, sequences, logits)
 
