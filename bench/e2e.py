@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = dict(environment=environment(device), args={k: str(v) for k, v in vars(args).items()}, results=[])
     report["args"]["prompt"] = args.prompt
     print(f"e2e: {len(plan)} configurations on {report['environment']['device']}; writing {path}", flush=True)
+    write_json(path, report)  # the environment, even if the first compile is cut short
 
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: JSON only (pip install 'nf4compile[plot]', then --plot the JSON)")
