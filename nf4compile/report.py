@@ -217,7 +217,9 @@ def report(model: nn.Module, reference_model: Optional[nn.Module] = None, inputs
     missing = [r.name for r in layers if r.name not in reference_layers]
     if missing:
         result.notes.append(f"not in the reference model, no error computed: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-    for r in layers:
+    from tqdm.auto import tqdm
+
+    for r in tqdm(layers, desc="nf4compile.report", unit="layer", disable=len(layers) < 32):  # a 7B: 225 dequantizes
         if r.name in reference_layers:
             r.weight_rel_error, r.weight_sqnr_db = _weight_error(model.get_submodule(r.name).weight, reference_layers[r.name].weight)
     if inputs is not None:
