@@ -107,6 +107,13 @@ def llama_program():
 
     Exporting costs seconds on CI: done once per session, shared by the pass and export tests.
     """
+    import pytest
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < (2, 13):
+        # Seen on torch 2.11 + transformers 5.17 (H100, 2026-11-23): the export fails in tracing on a
+        # guard min(16*seq, 32*seq) == 16*seq that 2.11 cannot prove; torch 2.13 exports it.
+        pytest.skip("exporting a Llama with a dynamic sequence length needs torch >= 2.13")
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 7))
     dims = ({0: torch.export.Dim("batch", min=1, max=16), 1: torch.export.Dim("seq", min=2, max=64)},)
