@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, L
 import nf4compile
 from nf4compile import NF4Tensor
 
+pytest.importorskip("accelerate", reason="transformers loads bitsandbytes models only with accelerate")
+
 CONFIGS = {
     "llama": lambda: LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
