@@ -92,23 +92,17 @@ def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def quantize_nf4(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax NF4 quantization -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks])."""
-    flat = weight.reshape(-1).to(torch.float32)
-    blocks = _blocks(flat, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    # An all-zero block keeps absmax 0 and must give code 7 (0.0) everywhere, not 0 * inf = NaN.
-    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)
-    scaled = (blocks * inv[:, None]).clamp_(-1, 1)
-    # bucketize(right=False) sends a value equal to a midpoint to the lower code, as bitsandbytes does.
-    codes = torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).view(-1)[: flat.numel()]
-    return pack_codes(codes.to(torch.uint8)), absmax
+    absmax = _blocks(weight.reshape(-1).to(torch.float32), block_size).abs().amax(dim=1)
+    return quantize_nf4_with_scales(weight, absmax, block_size), absmax
 
 
 def nearest_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """NF4 code of each ``value / scale`` by bitsandbytes' rule (``scales`` broadcasts against
-    ``values``; a zero scale gives code 7). Any scale is valid in the format: bitsandbytes only
-    ever multiplies the code by it."""
+    ``values``). Any scale is valid in the format: bitsandbytes only ever multiplies the code by it."""
+    # A zero scale (an all-zero block) must give code 7 (0.0), not 0 * inf = NaN.
     inv = torch.where(scales == 0, 0.0, 1.0 / scales)
     scaled = (values * inv).clamp_(-1, 1)
+    # bucketize(right=False) sends a value equal to a midpoint to the lower code, as bitsandbytes does.
     return torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).to(torch.uint8)
 
 
