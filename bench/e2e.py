@@ -16,10 +16,13 @@ activations + CUDA-graph pools), weight memory (what building the model left all
 and compile time (the warm-up generate: decode-step compile, CUDA-graph recording, one prefill).
 
 The compiled-generation recipe (README "Compiled generation"): eager prefill allocates the static KV
-cache outside any CUDA graph; only ``decode_step`` is compiled (``mode="reduce-overhead"``, CUDA graphs);
-``torch.compiler.cudagraph_mark_step_begin()`` before each step; the returned token is cloned before the
+cache outside any CUDA graph; only ``decode_step`` is compiled; the returned token is cloned before the
 next replay overwrites it; one cache per configuration, ``reset()`` between runs (same addresses, no
-re-recording).
+re-recording). On a GPU the compiled step (``mode="default"``) is captured whole into one CUDA graph
+(``CapturedStep``, recipe 4): replaying it skips Dynamo's guards and AOTAutograd's per-call unwrapping
+of every NF4 parameter, which cost ~24 us per NF4 weight per step on the H100 (5 ms per token for a 7B
+model, more than its kernels) under ``mode="reduce-overhead"``. ``--decode-graph trees`` uses
+``mode="reduce-overhead"`` (CUDA-graph trees) instead; the ``nf4compile-trees`` method always does.
 
 --small: tiny shapes on the CPU (what CI runs so this script cannot rot); with --device cuda a GPU smoke test.
 """
@@ -74,9 +77,10 @@ PLAN = [
     ("llama-3-8b", 8, "nf4compile"),
     ("llama-3-8b", 8, "bf16-compiled"),
     ("llama-2-7b", 8, "nf4compile-unfused"),
+    ("llama-2-7b", 1, "nf4compile-trees"),
 ]
-COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "bnb-compiled", "torchao-compiled"}
-FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-unfused"}  # the others: compiled "if that works"
+COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "nf4compile-trees", "bnb-compiled", "torchao-compiled"}
+FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "nf4compile-trees"}  # the others: compiled "if that works"
 WARMUP_TOKENS = 3  # the decode step runs twice: CUDA-graph trees warm up, then record
 PREFILL_REPEATS = 3
 
@@ -88,6 +92,38 @@ def decode_step(model, cache, token, position):
     """One token in, the next greedy token out: the only compiled function."""
     logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits
     return logits[:, -1].argmax(-1, keepdim=True)
+
+
+class CapturedStep:
+    """A compiled decode step replayed as one CUDA graph (recipe 4).
+
+    Captured on the first call, after two warm-up calls on a side stream (compilation, Triton JIT and
+    autotuning happen there, never inside the capture). Later calls copy ``token`` and ``position`` into
+    the graph's input buffers and replay; the model and cache must be the ones it was captured with (the
+    cache reset in place, never reallocated), and the batch size the same. The returned token is the
+    graph's output buffer: clone it before the next call.
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graph = None
+
+    def __call__(self, model, cache, token, position):
+        if self.graph is None:
+            self.inputs = (token.clone(), position.clone())
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # the KV write at `position` is the one the real step makes
+                    self.step(model, cache, *self.inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.step(model, cache, *self.inputs)
+        self.inputs[0].copy_(token)
+        self.inputs[1].copy_(position)
+        self.graph.replay()
+        return self.output
 
 
 def new_cache(model, max_len: int):
@@ -204,15 +240,19 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     new_tokens = args.new_tokens if method in COMPILED else args.eager_new_tokens
     step = decode_step
     if method in COMPILED:
-        mode = "reduce-overhead" if device.type == "cuda" and args.compile_backend == "inductor" else None
+        trees = method.endswith("-trees") or args.decode_graph == "trees"
+        cuda_graphs = device.type == "cuda" and args.compile_backend == "inductor"
+        mode = "reduce-overhead" if cuda_graphs and trees else None
         step = torch.compile(decode_step, backend=args.compile_backend, mode=mode, fullgraph=method in FULLGRAPH)
+        if cuda_graphs and not trees:
+            step = CapturedStep(step)
     cache = new_cache(model, args.prompt + new_tokens)
     if device.type == "cuda":
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     # Unfused: the Inductor pass leaves dequantize + matmul alone, for this compile only.
-    unfused = {"NF4COMPILE_FUSE": "0"} if method == "nf4compile-unfused" else {}
+    unfused = {"NF4COMPILE_FUSE": "0"} if method.startswith("nf4compile-unfused") else {}
     with torch.no_grad(), mock.patch.dict(os.environ, unfused):
         _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache)
         warmup_s = time.perf_counter() - start
@@ -231,7 +271,8 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         compile_s=warmup_s if method in COMPILED else None,
     )
     if code:  # Inductor's output: did the pass fuse (nf4compile: every NF4 layer one linear, no dequantize)?
-        result.update(fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
+        result.update(decode_graph="trees" if method.endswith("-trees") or args.decode_graph == "trees" else "step",
+                      fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
                       dequantize_calls=sum(c.count("torch.ops.nf4compile.dequantize.default(") for c in code))
     if device.type == "cuda":
         result["peak_gb"] = (torch.cuda.max_memory_allocated() - baseline + model._bench_weight_bytes) / 1e9
@@ -247,6 +288,21 @@ def cleanup(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def warm_up_compiler(device) -> None:
+    """One tiny compile before the timed ones: Inductor's worker pool, CUDA context and Triton's generic
+    kernels start here, not inside whichever configuration happens to run first (its compile time would
+    carry ~30 s that is no method's)."""
+    tiny = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=512, max_position_embeddings=64)
+    model = build_bf16("tiny", {"tiny": tiny}, device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        generate(model, torch.randint(3, 512, (1, 8), device=device), 4, torch.compile(decode_step, fullgraph=True))
+    print(f"compiler warm-up: {time.perf_counter() - start:.1f} s", flush=True)
+    del model
+    cleanup(device)
 
 
 def estimate_s(method: str, results: list) -> float:
@@ -360,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="default: cuda when available, cpu with --small")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend; CI's --small run uses 'eager' (tracing only: fullgraph checked, seconds not minutes)")
+    parser.add_argument("--decode-graph", choices=("step", "trees"), default="step",
+                        help="GPU: the compiled step captured whole in one CUDA graph (step), or mode='reduce-overhead' (trees)")
     parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
     args = parser.parse_args(argv)
     if args.plot:
@@ -383,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: JSON only (pip install 'nf4compile[plot]', then --plot the JSON)")
+    if plan and device.type == "cuda" and args.compile_backend == "inductor":
+        warm_up_compiler(device)
     png = None
     built: dict = {}  # (model, family) -> model, kept for the other batch size while its shape is current
     for name, batch, method in plan:
