@@ -4,21 +4,28 @@
   ``nf4compile.linear``.
 - ``KeepSensitiveBF16``: sensitive layers never compute from NF4 (dense constants in exported programs,
   left unfused with a warning inside torch.compile).
-- ``NF4PassManager`` runs them, in Inductor's post-grad hook (``register_inductor_passes``, done by
+- ``RecomputeDequantize``: training graphs recompute ``dequantize`` in the backward instead of saving the
+  dense weight (Inductor's joint-graph hook, ``NF4JointPassManager``).
+- ``NF4PassManager`` runs the first two, in Inductor's post-grad hook (``register_inductor_passes``, done by
   ``quantize()``/``load()``) or on an exported program (``apply``).
 """
 
 from nf4compile.passes.backend import nf4compile_backend
 from nf4compile.passes.fuse_dequant_matmul import FuseDequantMatmul
 from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
-from nf4compile.passes.manager import NF4PassManager, PassOptions, apply, register_for_model, register_inductor_passes
+from nf4compile.passes.manager import (
+    NF4JointPassManager, NF4PassManager, PassOptions, apply, register_for_model, register_inductor_passes,
+)
 from nf4compile.passes.names import module_name
+from nf4compile.passes.recompute_dequantize import RecomputeDequantize
 
 __all__ = [
     "FuseDequantMatmul",
     "KeepSensitiveBF16",
+    "NF4JointPassManager",
     "NF4PassManager",
     "PassOptions",
+    "RecomputeDequantize",
     "apply",
     "module_name",
     "nf4compile_backend",

@@ -11,19 +11,20 @@ from typing import Optional
 
 import torch
 
-from nf4compile.passes.manager import manager_for
+from nf4compile.passes.manager import joint_manager_for, manager_for
 
 
 def nf4compile_backend(
     gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None
 ):
-    """Inductor (``compile_fx``) with our post-grad passes; ``mode`` and ``options`` as for Inductor."""
+    """Inductor (``compile_fx``) with our post-grad and joint-graph passes; ``mode`` and ``options`` as for Inductor."""
     from torch._inductor import config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     options = {**(list_mode_options(mode) if mode else {}), **(options or {})}
     current = options.pop("post_grad_custom_pre_pass", config.post_grad_custom_pre_pass)
-    patches = {**options, "post_grad_custom_pre_pass": manager_for(current)}
+    joint = options.pop("joint_custom_pre_pass", config.joint_custom_pre_pass)
+    patches = {**options, "post_grad_custom_pre_pass": manager_for(current), "joint_custom_pre_pass": joint_manager_for(joint)}
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -9,6 +9,9 @@ object: registering wraps whatever the user had set (run first, unchanged, so it
 saw) and folds its ``uuid()`` into ours. A user who sets the hook *after* ``quantize()``/``load()``
 replaces us: compiled graphs are then unfused (still correct) until ``register_inductor_passes()`` (or the
 next ``quantize()``/``load()``) wraps their pass in turn.
+
+Training graphs need one more hook, ``joint_custom_pre_pass`` (the joint forward + backward graph, before
+AOTAutograd splits it): ``NF4JointPassManager`` runs RecomputeDequantize there, chained the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.fx import Graph
 from nf4compile.passes.fuse_dequant_matmul import FuseDequantMatmul
 from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
 from nf4compile.passes.program import copy_program
+from nf4compile.passes.recompute_dequantize import RecomputeDequantize
 from nf4compile.policy import SENSITIVE_NAMES, sensitive_layers
 
 # What the passes do is their source and the naming policy: the uuid hashes both.
@@ -69,21 +73,41 @@ class NF4PassManager(CustomGraphPass):
         graph.lint()
 
     def uuid(self) -> Optional[bytes]:
-        theirs = []
+        return _chain_uuid(self.user_pass, self.options.key())
+
+
+class NF4JointPassManager(CustomGraphPass):
+    """RecomputeDequantize on the joint training graph, after ``user_pass`` (the one that was in the hook)."""
+
+    def __init__(self, user_pass: Any = None):
+        self.user_pass = user_pass
+
+    def __call__(self, graph: Graph) -> None:
         for user_pass in _as_list(self.user_pass):
-            uuid = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
-            if uuid is None:
-                return None  # their pass cannot be cached: neither can the chain (as without us)
-            theirs.append(repr(uuid))
-        digest = hashlib.sha256(get_hash_for_files(_SOURCES))
-        digest.update(repr((self.options.key(), theirs)).encode())
-        return digest.digest()
+            user_pass(graph)
+        RecomputeDequantize()(graph)
+
+    def uuid(self) -> Optional[bytes]:
+        return _chain_uuid(self.user_pass, "joint")
 
 
 def _as_list(user_pass: Any) -> list:
     if user_pass is None:
         return []
     return list(user_pass) if isinstance(user_pass, (list, tuple)) else [user_pass]
+
+
+def _chain_uuid(user_pass: Any, key: str) -> Optional[bytes]:
+    """sha256(our sources, ``key``, the chained passes' uuids); None if one of theirs has none."""
+    theirs = []
+    for one in _as_list(user_pass):
+        uuid = one.uuid() if isinstance(one, CustomGraphPass) else None
+        if uuid is None:
+            return None  # their pass cannot be cached: neither can the chain (as without us)
+        theirs.append(repr(uuid))
+    digest = hashlib.sha256(get_hash_for_files(_SOURCES))
+    digest.update(repr((key, theirs)).encode())
+    return digest.digest()
 
 
 def manager_for(current: Any, fuse: Optional[bool] = None, sensitive: Optional[Mapping[str, str]] = None) -> NF4PassManager:
@@ -101,8 +125,13 @@ def manager_for(current: Any, fuse: Optional[bool] = None, sensitive: Optional[M
     return NF4PassManager(options, user_pass)
 
 
+def joint_manager_for(current: Any) -> NF4JointPassManager:
+    """Ours if ``current`` is ours, else a joint-graph manager that chains ``current``."""
+    return current if isinstance(current, NF4JointPassManager) else NF4JointPassManager(current)
+
+
 def register_inductor_passes(fuse: Optional[bool] = None, sensitive: Optional[Mapping[str, str]] = None) -> NF4PassManager:
-    """Install (or update) the passes in Inductor's post-grad hook; idempotent.
+    """Install (or update) the passes in Inductor's post-grad and joint-graph hooks; idempotent.
 
     Called by ``quantize()`` and ``load()``; the options follow the last call (None keeps the current
     value). Also makes ``torch.compile(model, backend="nf4compile")`` available without the entry point.
@@ -114,6 +143,8 @@ def register_inductor_passes(fuse: Optional[bool] = None, sensitive: Optional[Ma
 
     manager = manager_for(inductor_config.post_grad_custom_pre_pass, fuse, sensitive)
     inductor_config.post_grad_custom_pre_pass = manager
+    # Training: the backward recomputes each dequantize instead of keeping the dense weight alive.
+    inductor_config.joint_custom_pre_pass = joint_manager_for(inductor_config.joint_custom_pre_pass)
     # Freezing would otherwise fold dequantize(weight) into a dense constant: 4x the memory, no fusion.
     if torch.ops.nf4compile.dequantize.default not in constant_folding._dont_constant_fold:
         constant_folding.add_dont_constant_fold(torch.ops.nf4compile.dequantize.default)

@@ -13,9 +13,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import fresh_cache, run_and_get_code
+from torch.utils.checkpoint import CheckpointPolicy
 
 import nf4compile
-from nf4compile.passes import NF4PassManager, PassOptions, register_inductor_passes
+from nf4compile.passes import NF4JointPassManager, NF4PassManager, PassOptions, RecomputeDequantize, register_inductor_passes
 from graph_utils import show, tiny_llama
 
 LINEAR = "torch.ops.nf4compile.linear.default"
@@ -27,7 +28,9 @@ bf16 = torch.bfloat16
 def clean_inductor_hooks():
     """Each test starts with empty Inductor hooks and fresh dynamo and Inductor caches (a graph cached on
     disk by an earlier run would skip the passes under test), and leaves them as it found them."""
-    with fresh_cache(), inductor_config.patch(post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None):
+    with fresh_cache(), inductor_config.patch(
+        post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
+    ):
         torch._dynamo.reset()
         yield
     torch._dynamo.reset()
@@ -140,6 +143,27 @@ return [view_3]""")
             mp.setenv("NF4COMPILE_FUSE", "0")
             assert NF4PassManager().uuid() != plain
 
+    def test_joint_hook_chains_the_users_pass_and_marks_dequantize_for_recomputation(self):
+        theirs = Recorder("joint")
+        inductor_config.joint_custom_pre_pass = theirs
+        two_linears()
+        ours = inductor_config.joint_custom_pre_pass
+        assert isinstance(ours, NF4JointPassManager) and ours.user_pass is theirs
+        assert register_inductor_passes() and inductor_config.joint_custom_pre_pass is ours, "idempotent"
+        assert isinstance(ours.uuid(), bytes) and ours.uuid() != NF4JointPassManager(Recorder("other")).uuid()
+        assert NF4JointPassManager(Recorder(None)).uuid() is None
+
+        graph = torch.fx.Graph()
+        packed, absmax = graph.placeholder("packed"), graph.placeholder("absmax")
+        dequantize = [graph.call_function(torch.ops.nf4compile.dequantize.default, (packed, absmax, None, None, 64, [8, 8], bf16))
+                      for _ in range(2)]
+        dequantize[1].meta["recompute"] = CheckpointPolicy.MUST_SAVE  # e.g. a user's selective checkpointing
+        graph.output(dequantize)
+        ours(graph)
+        assert len(theirs.graphs) == 1, "their pass ran too"
+        assert [n.meta["recompute"] for n in dequantize] == [CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.MUST_SAVE]
+        assert RecomputeDequantize()(graph) == 0
+
     def test_users_list_of_passes_is_chained(self):
         a, b = Recorder("a"), Recorder("b")
         inductor_config.post_grad_custom_pre_pass = [a, b]
@@ -160,12 +184,14 @@ def test_load_registers_the_passes(tmp_path):
 def test_backend_applies_the_passes_without_the_global_hook():
     model = two_linears()
     inductor_config.post_grad_custom_pre_pass = None  # e.g. a user who reset it after quantize()
+    inductor_config.joint_custom_pre_pass = None
     x = torch.randn(3, 64, dtype=bf16)
     with torch.no_grad():
         out, (code,) = run_and_get_code(torch.compile(model, backend="nf4compile"), x)
         torch.testing.assert_close(out, model(x), rtol=0.02, atol=0.02)
     assert code.count(LINEAR + "(") == 2 and DEQUANTIZE not in code
     assert inductor_config.post_grad_custom_pre_pass is None, "the backend changes no global config"
+    assert inductor_config.joint_custom_pre_pass is None
 
 
 def test_backend_entry_point():

@@ -103,6 +103,7 @@ def test_load_in_a_fresh_process_needs_only_import_nf4compile(tmp_path):
         import torch._inductor.config
         import nf4compile  # registers torch.ops.nf4compile.*, which the program calls
         assert torch._inductor.config.post_grad_custom_pre_pass is None, "nothing registered at import"
+        assert torch._inductor.config.joint_custom_pre_pass is None
         ep = torch.export.load({str(tmp_path / "model.pt2")!r})
         ids, expected = torch.load({str(tmp_path / "io.pt")!r})
         assert "nf4compile.linear" in str(ep.graph)
