@@ -140,6 +140,11 @@ class NF4Tensor(torch.Tensor):
             raise NotImplementedError(
                 f"nf4compile: {func} is not supported on an NF4Tensor (a frozen 4-bit weight). "
                 "Call weight.dequantize() to get a dense tensor, or nf4compile.dequantize_model(model)."
+                + (
+                    " To merge LoRA adapters into NF4 layers (peft's merge would update the weight in place), "
+                    "use nf4compile.merge_and_unload(peft_model)."
+                    if func._schema.is_mutable else ""
+                )
             )
         return handler(func, args, kwargs)
 
@@ -160,6 +165,13 @@ def to_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True) -> N
     if double_quant:
         absmax, nested_absmax, offset = nf4_format.double_quantize(absmax)
     return NF4Tensor(packed, absmax, block_size, weight.shape, weight.dtype, False, nested_absmax, offset)
+
+
+def quantize_like(dense: Tensor, like: NF4Tensor) -> NF4Tensor:
+    """``dense`` (shaped as ``like`` presents itself) quantized in ``like``'s format: block size, double
+    quantization, layout; computing in ``like``'s dtype."""
+    nf4 = to_nf4(dense.t() if like.transposed else dense, like.block_size, like.double_quant)
+    return nf4._with(transposed=like.transposed, dtype=like.dtype)
 
 
 def check_quantizable(weight: Tensor, name: str = "weight") -> None:
@@ -226,8 +238,7 @@ def _copy_(func, args, kwargs):
     """Copy another NF4Tensor's data in place; a dense source is quantized in this tensor's format."""
     dst, src = args[0], args[1]
     if not isinstance(src, NF4Tensor):
-        dense = src.t() if dst.transposed else src
-        src = to_nf4(dense.to(dst.dtype), dst.block_size, dst.double_quant)._with(transposed=dst.transposed)
+        src = quantize_like(src.to(dst.dtype), dst)
     if (src.block_size, src.quant_shape, src.double_quant, src.transposed) != (
         dst.block_size, dst.quant_shape, dst.double_quant, dst.transposed
     ):

@@ -1,0 +1,240 @@
+"""QLoRA: peft LoRA adapters on NF4 layers; eager, compiled (the saved tensors), checkpointing, merging.
+
+The reference is the same model with every NF4 weight dequantized (``nf4compile.dequantize_model``: the
+bf16 weights the NF4 model computes with) and the same adapters. On the CPU both run dequantize + the
+same matmul, so gradients agree to fp32 rounding; the GPU tests allow for the fused kernels' order of
+summation. One Inductor compile (forward + backward of two LoRA'd NF4 layers) runs in CI.
+"""
+
+import copy
+import warnings
+from unittest import mock
+
+import expecttest
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+from torch._inductor.utils import fresh_cache
+
+import nf4compile
+from graph_utils import count, show, tiny_llama
+
+peft = pytest.importorskip("peft", reason="QLoRA needs peft: pip install 'nf4compile[train]'")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+bf16 = torch.bfloat16
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora(model, targets=LLAMA_TARGETS, seed=0):
+    # init_lora_weights=False: B is random too (peft's default B = 0 would leave A without a gradient).
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+
+
+def with_reference(model, targets=LLAMA_TARGETS):
+    """(peft model on the NF4 ``model``, peft model on its dequantized copy with the same adapters)."""
+    reference = nf4compile.dequantize_model(copy.deepcopy(model))
+    ours, theirs = lora(model, targets), lora(reference, targets)
+    adapters = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name in adapters:
+                param.copy_(adapters[name])
+    return ours, theirs
+
+
+def nf4_state(model):
+    """Every NF4 weight's inner tensors, cloned (to check them bit for bit later)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, nf4compile.NF4Tensor):
+            names, _ = param.__tensor_flatten__()
+            state[name] = {n: getattr(param, n).clone() for n in names}
+    return state
+
+
+def adapter_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss
+
+
+def assert_grads_close(ours, theirs, rtol):
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        error = (ours[name] - theirs[name]).norm() / theirs[name].norm()
+        assert error <= rtol, f"{name}: relative error {error:.2e} > {rtol}"
+
+
+# --- eager ----------------------------------------------------------------------------------------
+
+
+def test_peft_wraps_nf4_layers_and_gradients_match_the_dequantized_reference():
+    ours, theirs = with_reference(tiny_llama(layers=2).train())
+    q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, peft.tuners.lora.Linear) and isinstance(q_proj.base_layer.weight, nf4compile.NF4Tensor)
+    assert q_proj.lora_A["default"].weight.dtype == torch.float32, "peft keeps adapters in fp32"
+    ids = torch.randint(0, 128, (2, 9))
+    backward_weights = []
+    original = nf4compile.tensor._fused_linear
+
+    def record(x, w, bias):
+        backward_weights.append(not w.transposed)  # x @ W (x_at_w): the input gradient's form
+        return original(x, w, bias)
+
+    with mock.patch("nf4compile.tensor._fused_linear", side_effect=record):
+        torch.testing.assert_close(step(ours, ids), step(theirs, ids), rtol=0, atol=1e-6)
+    # 14 forward linears; 11 input gradients (none for layer 0's q, k, v: their input comes from the frozen
+    # embedding, so nothing upstream of them trains).
+    assert backward_weights.count(False) == 14 and backward_weights.count(True) == 11
+    # CPU: both sides dequantize to the same bf16 weight and run the same matmuls.
+    assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=1e-5)
+
+
+def test_only_adapters_train_and_nf4_weights_stay_bit_identical():
+    model = lora(tiny_llama().train())
+    before = nf4_state(model)
+    assert len(before) == 7 and all(not p.requires_grad for n, p in model.named_parameters() if n in before)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    # Every parameter handed to the optimizer, with weight decay: frozen ones have no grad and are skipped.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 128, (2, 9))
+    for _ in range(3):
+        step(model, ids)
+        optimizer.step()
+        optimizer.zero_grad()
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None for n in before)
+    for name, inner in before.items():
+        for part, value in inner.items():
+            assert torch.equal(getattr(params[name], part), value), f"{name}.{part} changed"
+    assert all(not torch.equal(params[n], value) for n, value in adapters.items()), "every adapter trained"
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
+    model = lora(tiny_llama(layers=2).train())
+    ids = torch.randint(0, 128, (2, 9))
+    step(model, ids)
+    plain = adapter_grads(model)
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+    calls = []
+    q_proj = model.base_model.model.model.layers[1].self_attn.q_proj.base_layer
+    handle = q_proj.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    step(model, ids)
+    handle.remove()
+    assert len(calls) == 2, "forward, then the recomputation in backward"
+    assert_grads_close(adapter_grads(model), plain, rtol=1e-6)
+
+
+# --- merging --------------------------------------------------------------------------------------
+
+
+def test_merge_and_unload_to_bf16_or_nf4_with_the_error_reported():
+    model = lora(tiny_llama().eval())
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+    with pytest.raises(NotImplementedError, match=r"nf4compile\.merge_and_unload"):
+        copy.deepcopy(model).merge_and_unload()  # peft's own merge adds to the weight in place
+
+    dense, report = nf4compile.merge_and_unload(copy.deepcopy(model), requantize=False)
+    q = dense.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q.weight.dtype == bf16 and not isinstance(q.weight, nf4compile.NF4Tensor)
+    assert len(report.layers) == 7 and {layer.stored_as for layer in report.layers} == {"bfloat16"}
+    assert all(layer.relative_error < 4e-3 for layer in report.layers), "bf16 rounding only"
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits.float(), expected, rtol=0, atol=0.03)
+
+    original = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    exact = original.dequantize().float() + model.base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default").float()
+    nf4, report = nf4compile.merge_and_unload(model, requantize=True)
+    q = nf4.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and isinstance(q.weight, nf4compile.NF4Tensor)
+    assert (q.weight.block_size, q.weight.double_quant, q.weight.dtype) == (original.block_size, original.double_quant, bf16)
+    first = report.layers[0]
+    assert first.name == "model.layers.0.self_attn.q_proj" and first.stored_as == "nf4"
+    error = q.weight.dequantize().float() - exact
+    assert first.error_norm == pytest.approx(error.norm().item(), rel=1e-5)
+    assert first.relative_error == pytest.approx((error.norm() / exact.norm()).item(), rel=1e-5)
+    assert all(0.02 < layer.relative_error < 0.2 for layer in report.layers), "NF4 rounding error"
+    assert "error/update" in str(report) and len(report.as_dict()["layers"]) == 7
+    with torch.no_grad():
+        assert (nf4(input_ids=ids).logits.float() - expected).abs().max() < 1.0
+
+
+# --- compiled -------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128, bias=False)
+        self.down = nn.Linear(128, 64, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class Recorder:
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph):
+        self.graphs.append(graph)
+
+    def uuid(self):
+        return None
+
+
+class TestCompiledTraining(expecttest.TestCase):
+    def test_backward_recomputes_the_dequantize_and_fuses_both_sides(self):
+        with fresh_cache(), inductor_config.patch(
+            post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
+        ):
+            torch._dynamo.reset()
+            ours, theirs = with_reference(nf4compile.quantize(MLP().to(bf16)), targets=["up", "down"])
+            recorder = Recorder()
+            inductor_config.post_grad_custom_post_pass = recorder  # sees the graphs after our passes
+            x = torch.randn(2, 5, 64, dtype=bf16, requires_grad=True)
+            grad_out = torch.randn(2, 5, 64, dtype=bf16)
+            torch.compile(ours, fullgraph=True)(x).backward(grad_out)
+            torch._dynamo.reset()
+        forward, backward = recorder.graphs
+        # The forward hands the backward activations and the NF4 pieces (graph inputs, alive anyway); a
+        # dense weight would be bfloat16[128, 64] or [64, 128].
+        saved = [n.meta["val"] for n in forward.output_node().args[0][1:]]
+        assert not any(t.dtype == bf16 and t.dim() == 2 and t.numel() == 64 * 128 for t in saved)
+        self.assertExpectedInline(" ".join(f"{str(t.dtype)[6:]}{list(t.shape)}" for t in saved), """uint8[4096] uint8[128] float32[1] float32[] float32[4, 64] float32[128, 4] uint8[4096] uint8[128] float32[1] float32[] float32[10, 64] float32[10, 4] float32[10, 128] float32[10, 4] float32[64, 4] float32[4, 128] bool[2, 5, 128]""")
+        self.assertExpectedInline(show(forward, nf4_only=True), """\
+nf4_linear = nf4compile.linear(view, primals_1, primals_2, primals_3, primals_4, 64, 128, 64, None, False)
+mm = aten.mm(view_2, permute)
+mm_1 = aten.mm(mm, permute_1)
+nf4_linear_1 = nf4compile.linear(view_4, primals_8, primals_9, primals_10, primals_11, 64, 64, 128, None, False)
+mm_2 = aten.mm(view_6, permute_2)
+mm_3 = aten.mm(mm_2, permute_3)""")
+        self.assertExpectedInline(show(backward, nf4_only=True), """\
+mm = aten.mm(permute, mm_4)
+mm_1 = aten.mm(view, permute_8)
+mm_2 = aten.mm(permute_1, view_8)
+mm_3 = aten.mm(mm_1, permute_12)
+nf4_linear = nf4compile.linear(view_2, primals_8, primals_9, primals_10, primals_11, 64, 64, 128, None, True)
+mm_4 = aten.mm(permute_2, mm_1)
+mm_5 = aten.mm(view_4, permute_4)
+mm_6 = aten.mm(permute_5, view_2)
+mm_7 = aten.mm(mm_5, permute_7)
+nf4_linear_1 = nf4compile.linear(view_6, primals_1, primals_2, primals_3, primals_4, 64, 128, 64, None, True)""")
+        assert count(backward, torch.ops.nf4compile.dequantize.default) == 0
+        reference_x = x.detach().clone().requires_grad_()
+        theirs(reference_x).backward(grad_out)
+        torch.testing.assert_close(x.grad, reference_x.grad, rtol=0.02, atol=0.02)  # bf16 outputs
+        assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
