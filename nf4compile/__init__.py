@@ -8,6 +8,7 @@
 """
 
 from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
+from nf4compile import sharding  # noqa: F401  registers the NF4Tensor ops of FSDP2 and DTensor
 from nf4compile.export import export, parameter_names
 from nf4compile.format import NF4_CODEBOOK
 from nf4compile.pretrained import from_pretrained, save_pretrained

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +31,14 @@ class CheckpointError(ValueError):
 # --- writing ----------------------------------------------------------------------------------
 
 
-def nf4_state_dict_entries(key: str, weight: NF4Tensor) -> dict[str, Tensor]:
-    """The bitsandbytes entries for an NF4 weight stored under ``key`` (e.g. ``"fc.weight"``)."""
+def nf4_state_dict_entries(key: str, weight: NF4Tensor, whole_shape: Optional[list[int]] = None) -> dict[str, Tensor]:
+    """The bitsandbytes entries for an NF4 weight stored under ``key`` (e.g. ``"fc.weight"``); for a shard
+    of a weight, the quant state says ``whole_shape``."""
     quant_state = {
         "quant_type": "nf4",
         "blocksize": weight.block_size,
         "dtype": str(weight.dtype).removeprefix("torch."),
-        "shape": list(weight.quant_shape),
+        "shape": whole_shape or list(weight.quant_shape),
     }
     entries = {
         key: weight.packed.reshape(-1, 1),
@@ -62,11 +63,22 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, loca
     weight = state_dict.get(key)
     if isinstance(weight, NF4Tensor):
         state_dict.update(nf4_state_dict_entries(key, weight))
+    elif torch.distributed.is_available():
+        from nf4compile import distributed
+
+        if distributed.is_sharded_nf4(weight):  # FSDP2 / tensor parallel: entries sharded like the weight
+            state_dict.update(distributed.sharded_state_dict_entries(key, weight))
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     key = prefix + "weight"
     if key + QUANT_STATE_SUFFIX in state_dict:
+        if torch.distributed.is_available():
+            from nf4compile import distributed
+
+            if distributed.is_sharded_nf4(module.weight):
+                state_dict[key] = distributed.sharded_nf4_from_state_dict(state_dict, key, module.weight)
+                return
         weight = nf4_from_state_dict(state_dict, key)
         if getattr(module, "weight", None) is not None and module.weight.shape != weight.shape:
             weight = weight.t()  # a Conv1D holds its weight as [in, out]

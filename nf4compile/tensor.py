@@ -118,6 +118,18 @@ class NF4Tensor(torch.Tensor):
         names, _ = self.__tensor_flatten__()
         return sum(getattr(self, n).nbytes for n in names)
 
+    # FSDP2 looks these up on the sharded weight: it all-gathers NF4 codes and scales, never a dense weight.
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        from nf4compile import sharding
+
+        return sharding.fsdp_pre_all_gather(self, outer_size)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        from nf4compile import sharding
+
+        return sharding.fsdp_post_all_gather(all_gather_outputs, metadata, param_dtype, out)
+
     def __repr__(self, *, tensor_contents=None) -> str:
         return (
             f"NF4Tensor(shape={list(self.shape)}, dtype={self.dtype}, block_size={self.block_size}, "
@@ -278,7 +290,7 @@ def _fused_linear(x: Tensor, w: NF4Tensor, bias: Optional[Tensor]) -> Tensor:
 
 @implements([aten.mm.default, aten.addmm.default, aten.linear.default, aten.matmul.default])
 def _matmul(func, args, kwargs):
-    if any(isinstance(a, NF4Tensor) and _is_traced(a) for a in args):
+    if any(isinstance(a, NF4Tensor) and (_is_traced(a) or a.dim() != 2) for a in args):
         return _call_dense(func, args, kwargs)
     if func is aten.linear.default:
         x, w, bias = (list(args) + [None])[:3]
@@ -300,10 +312,10 @@ def _matmul(func, args, kwargs):
 
 # Ops that reshape or broadcast the weight (e.g. ahead of bmm) give the dense result: right answers
 # for any consumer, and the same dequantize -> view chain in traced graphs that the passes match.
+# (Views and slices that keep whole NF4 blocks stay NF4: nf4compile.sharding.)
 implements(
     [
-        aten.bmm.default, aten.mv.default, aten.baddbmm.default,
-        aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-        aten.unsqueeze.default, aten.squeeze.dim, aten.slice.Tensor, aten.select.int,
+        aten.bmm.default, aten.mv.default, aten.baddbmm.default, aten.reshape.default, aten.expand.default,
+        aten.unsqueeze.default, aten.squeeze.dim, aten.select.int,
     ]
 )(_call_dense)

@@ -1,0 +1,332 @@
+"""NF4 weights on torch.distributed: shards (single process), then FSDP2 QLoRA training, DCP checkpoints and
+tensor-parallel compiled decoding on 2 CPU processes with gloo (one spawn for all of them, one compile).
+
+Tolerances: shards, gathered weights and checkpoints are compared bit for bit. FSDP2 losses against the
+single-process run on the same data: the runs differ only in reduction order (each rank's half batch, the
+gradient average), in bf16 compute: |delta loss| <= 2e-2 (measured <= 1e-3 over 4 steps). Tensor parallel in
+fp32: logits within 1e-4 of the single-process model (row-wise shards sum partial products in another
+order; measured ~1e-6), every greedy token equal.
+"""
+
+import copy
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nf4compile
+from nf4compile import NF4Tensor, to_nf4
+from nf4compile.distributed import read_dcp_checkpoint
+from nf4compile.sharding import fsdp_post_all_gather, fsdp_pre_all_gather
+
+WORLD = 2
+LLAMA = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+             tie_word_embeddings=False)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --- shards on one process ------------------------------------------------------------------------
+
+
+def _inner(t: NF4Tensor) -> dict:
+    return {n: getattr(t, n) for n in t.__tensor_flatten__()[0]}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "shape, dim, shards, groups_kept",
+    [
+        ((128, 256), 0, 2, True),  # 256 blocks per shard: double-quant groups whole
+        ((128, 256), 0, 4, False),  # 128 blocks per shard: groups cut, scales as fp32
+        ((96, 192), 0, 3, False),
+        ((64, 512), 1, 2, False),  # columns: 4 blocks per row and shard
+        ((4, 32768), 1, 2, True),  # 256 blocks per row and shard
+        ((256, 128), 1, 2, False),
+    ],
+)
+def test_shards_dequantize_like_the_whole(shape, dim, shards, groups_kept, double_quant):
+    whole = to_nf4(torch.randn(shape, dtype=torch.bfloat16), 64, double_quant)
+    parts = torch.chunk(whole, shards, dim)
+    assert len(parts) == shards and all(isinstance(p, NF4Tensor) for p in parts)
+    assert torch.equal(torch.cat([p.dequantize() for p in parts], dim), whole.dequantize())  # bit for bit
+    assert [p.double_quant for p in parts] == [double_quant and groups_kept] * shards
+    if dim == 0:  # a range of rows is a view of the whole weight's codes and scales
+        assert parts[1].packed.data_ptr() == whole.packed.data_ptr() + parts[0].packed.numel()
+    transposed = torch.chunk(whole.t(), shards, 1 - dim)  # the same shards seen through .t()
+    assert torch.equal(torch.cat([p.dequantize() for p in transposed], 1 - dim), whole.dequantize().t())
+
+
+@pytest.mark.parametrize(
+    "shape, dim, shards, message",
+    [
+        ((6, 96), 0, 2, r"between rows \[0, 3, 6\].*would cut a 64-element NF4 block.*out_features / shards x in_features"),
+        ((64, 96), 1, 2, r"between columns \[0, 48, 96\].*would cut a 64-element NF4 block"),
+        ((64, 192), 1, 2, r"columns \[0, 96, 192\]"),  # 96 columns per shard: blocks would span shards
+        ((5, 128), 0, 2, r"into equal shards of 3 along dim 0 \(5 is not a multiple\)"),
+    ],
+)
+def test_shard_boundary_inside_a_block_is_an_error(shape, dim, shards, message):
+    whole = to_nf4(torch.randn(shape), 64)
+    with pytest.raises(ValueError, match=message):
+        torch.chunk(whole, shards, dim)
+
+
+def test_views_and_buffers_that_fsdp_makes_stay_nf4():
+    whole = to_nf4(torch.randn(128, 256, dtype=torch.bfloat16), 64)
+    flat = whole.view(-1)
+    assert isinstance(flat, NF4Tensor) and flat.shape == (128 * 256,)
+    assert torch.equal(flat.dequantize(), whole.dequantize().view(-1))
+    back = torch.as_strided(flat, (128, 256), (256, 1), 0)
+    assert isinstance(back, NF4Tensor) and torch.equal(back.dequantize(), whole.dequantize())
+    with pytest.raises(NotImplementedError, match="only a contiguous view of the whole weight"):
+        torch.as_strided(whole, (64, 256), (256, 1), 0)
+
+    buffer = whole.new_zeros((64, 256))  # FSDP2's padded shard: zeros, then the shard copied in
+    assert buffer.double_quant and torch.equal(buffer.dequantize(), torch.zeros(64, 256, dtype=torch.bfloat16))
+    shard = torch.chunk(whole, 2)[1]
+    buffer.narrow(0, 0, 64).copy_(shard)
+    assert torch.equal(buffer.dequantize(), whole.dequantize()[64:])
+
+    assert isinstance(whole[32:96], NF4Tensor) and torch.equal(whole[32:96].dequantize(), whole.dequantize()[32:96])
+    unaligned = whole[:, :10]  # not whole blocks: the dense result, as for any other reshaping op
+    assert type(unaligned) is torch.Tensor and torch.equal(unaligned, whole.dequantize()[:, :10])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fsdp_all_gather_extension_rebuilds_the_whole_weight(double_quant):
+    """fsdp_pre_all_gather's inputs of every shard, concatenated as all-gather does, give back the
+    whole weight's codes and scales, in a fraction of the dense bytes."""
+    whole = to_nf4(torch.randn(256, 128, dtype=torch.bfloat16), 64, double_quant)
+    gathered, metadata = None, None
+    for shard in torch.chunk(whole, WORLD):
+        inputs, metadata = fsdp_pre_all_gather(shard, whole.shape)
+        gathered = inputs if gathered is None else [torch.cat([a, b]) for a, b in zip(gathered, inputs)]
+    rebuilt, buffers = fsdp_post_all_gather(gathered, metadata, torch.float16, None)
+    assert rebuilt.dtype == torch.float16 and rebuilt.shape == whole.shape  # param_dtype: the compute dtype
+    for name, tensor in _inner(whole).items():
+        assert torch.equal(getattr(rebuilt, name), tensor), name
+    assert sum(b.nbytes for b in buffers) == whole.nbytes_quantized() - (4 if double_quant else 0)  # offset: metadata
+    assert sum(b.nbytes for b in buffers) < 0.3 * whole.numel() * 2
+
+
+# --- 2 processes: FSDP2 QLoRA, DCP, tensor parallel ------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A frozen (NF4) linear plus a trainable low-rank update in fp32: plain LoRA for these tests."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x.float() @ self.lora_a.t() @ self.lora_b.t()).to(x.dtype)
+
+
+def _llama(layers: int, dtype, seed: int, lora: bool, quantize: bool = True):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **LLAMA), dtype=dtype)
+    if quantize:
+        nf4compile.quantize(model)
+    if lora:
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if name in PROJECTIONS:
+                        setattr(parent, name, LoRALinear(child))
+    return model
+
+
+class AllGatherBytes(TorchDispatchMode):
+    """Bytes each all-gather delivers (what FSDP2 sends over the wire), in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "allgather" in func.name():
+            output = args[0]  # c10d::_allgather_base_(Tensor output, Tensor input, ...)
+            self.sizes.append(output.numel() * output.element_size())
+        return func(*args, **(kwargs or {}))
+
+
+def _fsdp_qlora(rank: int, tmp: Path) -> None:
+    from torch.distributed.checkpoint import load as dcp_load, save as dcp_save
+    from torch.distributed.fsdp import fully_shard
+
+    model = _llama(2, torch.bfloat16, seed=0, lora=True)
+    reference = copy.deepcopy(model)  # the single-process run
+    wholes = {n: p for n, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+    # Shards: rows [rank * out/2, (rank + 1) * out/2) -- the same range of the codes and of the scales.
+    for name, whole in wholes.items():
+        local = model.get_parameter(name).to_local()
+        assert isinstance(local, NF4Tensor) and local.quant_shape == (whole.shape[0] // WORLD, whole.shape[1])
+        for inner, tensor in _inner(local).items():
+            part = torch.chunk(getattr(whole, inner), WORLD)[rank] if tensor.dim() else getattr(whole, inner)
+            assert torch.equal(tensor, part), (name, inner)
+
+    torch.manual_seed(5)
+    ids = torch.randint(0, LLAMA["vocab_size"], (4, 24))
+    local_ids = ids.chunk(WORLD)[rank]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    reference_optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=2e-2)
+    losses, reference_losses = [], []
+    for step in range(4):
+        with AllGatherBytes() as gathered:
+            loss = model(input_ids=local_ids, labels=local_ids).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference_loss = reference(input_ids=ids, labels=ids).loss
+        reference_loss.backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        dist.all_reduce(loss := loss.detach())  # gloo has no AVG
+        losses.append(loss.item() / WORLD)
+        reference_losses.append(reference_loss.item())
+        if step == 0:  # every decoder layer gathered as NF4 codes and scales (+ fp32 LoRA, bf16 norms)
+            layer = reference.model.layers[0]
+            nf4_bytes = sum(p.nbytes_quantized() - (4 if p.double_quant else 0)  # offset: metadata
+                            for p in layer.parameters() if isinstance(p, NF4Tensor))
+            layer_bytes = nf4_bytes + sum(p.nbytes for p in layer.parameters() if not isinstance(p, NF4Tensor))
+            dense_bytes = sum(p.numel() * 2 for p in layer.parameters())
+            assert gathered.sizes.count(layer_bytes) == 2 * len(model.model.layers), (gathered.sizes, layer_bytes)
+            assert layer_bytes < 0.35 * dense_bytes
+    assert max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 2e-2, (losses, reference_losses)
+    assert losses[-1] < losses[0] - 0.1, losses  # the adapters learned
+
+    # A sharded checkpoint: bitsandbytes' entries as DTensors; then the whole of it on rank 0 for the main process.
+    state = model.state_dict()
+    assert {k for k in state if "q_proj.base.weight" in k} >= {
+        "model.layers.0.self_attn.q_proj.base.weight", "model.layers.0.self_attn.q_proj.base.weight.absmax",
+        "model.layers.0.self_attn.q_proj.base.weight.nested_absmax",
+        "model.layers.0.self_attn.q_proj.base.weight.quant_state.bitsandbytes__nf4",
+    }
+    dcp_save(state, checkpoint_id=tmp / "checkpoint")
+    probe = ids[:1]
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    whole_state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}  # collective
+    if rank == 0:
+        torch.save({"state": whole_state, "probe": probe, "logits": logits}, tmp / "fsdp.pt")
+
+    # Resume on other base weights and adapters: dcp.load fills the shards in place, load_state_dict the rest.
+    resumed = _llama(2, torch.bfloat16, seed=1, lora=True)
+    for layer in resumed.model.layers:
+        fully_shard(layer)
+    fully_shard(resumed)
+    state = resumed.state_dict()
+    dcp_load(state, checkpoint_id=tmp / "checkpoint")
+    resumed.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(resumed(input_ids=probe).logits, logits)
+
+    # Shards that would cut NF4 blocks: a clear error from fully_shard.
+    odd = nf4compile.quantize(nn.Sequential(nn.Linear(96, 6)), nf4compile.NF4Config(min_numel=0))
+    try:
+        fully_shard(odd)
+    except ValueError as error:
+        assert "would cut a 64-element NF4 block" in str(error), error
+    else:
+        raise AssertionError("fully_shard split NF4 blocks")
+
+
+def _decode(model, prompt, steps: int, step_fn):
+    """Greedy decoding with a static cache: eager prefill, then ``step_fn`` per token; logits of every step."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
+    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    outputs = [logits]
+    for i in range(steps):
+        position = torch.tensor([[prompt.shape[1] + i]])
+        logits = step_fn(model, cache, logits.argmax(-1, keepdim=True), position)
+        outputs.append(logits)
+    return torch.stack(outputs)
+
+
+def _decode_step(model, cache, token, position):
+    return model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def _tensor_parallel(rank: int) -> None:
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = _llama(1, torch.float32, seed=2, lora=False).eval()
+    reference = copy.deepcopy(model)
+    plan = {f"model.layers.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
+    plan.update({f"model.layers.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
+    plan.update({"model.layers.*.self_attn.o_proj": RowwiseParallel(), "model.layers.*.mlp.down_proj": RowwiseParallel()})
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), plan)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        weight = model.model.layers[0].get_submodule(name).weight
+        whole = reference.model.layers[0].get_submodule(name).weight.dequantize()
+        dim = 0 if name.endswith("q_proj") else 1
+        assert torch.equal(weight.to_local().dequantize(), torch.chunk(whole, WORLD, dim)[rank]), name
+    assert model.model.layers[0].mlp.down_proj.weight.to_local().double_quant is False  # groups cut: fp32 scales
+
+    torch.manual_seed(3)
+    prompt = torch.randint(0, LLAMA["vocab_size"], (1, 6))
+    with torch.no_grad(), fresh_cache():
+        expected = _decode(reference, prompt, 4, _decode_step)
+        compiled = torch.compile(_decode_step, fullgraph=True)
+        actual, code = run_and_get_code(_decode, model, prompt, 4, compiled)
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+    code = "".join(code)  # every NF4 shard fused: 7 linears, no dequantize left
+    assert code.count("torch.ops.nf4compile.linear.default(") == len(PROJECTIONS), code.count("nf4compile.linear")
+    assert "torch.ops.nf4compile.dequantize.default(" not in code
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        _fsdp_qlora(rank, Path(tmp))
+        _tensor_parallel(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_checkpoint_and_tensor_parallel_on_two_processes(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+
+    # The sharded checkpoint on one process: the whole entries, and nf4compile.load of them into a skeleton.
+    saved = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    entries = read_dcp_checkpoint(tmp_path / "checkpoint")
+    assert entries.keys() == saved["state"].keys()
+    for key, value in saved["state"].items():
+        if not key.endswith("bitsandbytes__nf4"):  # the JSON is padded in sharded checkpoints
+            assert torch.equal(entries[key], value), key
+    skeleton = _llama(2, torch.bfloat16, seed=7, lora=True, quantize=False)
+    nf4compile.load(skeleton, entries)
+    with torch.no_grad():
+        assert torch.equal(skeleton(input_ids=saved["probe"]).logits, saved["logits"])
