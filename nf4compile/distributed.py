@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Union
 
 import torch
@@ -85,6 +86,21 @@ def sharded_nf4_from_state_dict(state_dict: dict, key: str, like: DTensor) -> DT
     return DTensor.from_local(weight, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
 
 
+def tensor_parallel_plan(model) -> dict:
+    """``parallelize_module``'s plan for a transformers model, from its config's ``base_model_tp_plan``
+    (Llama, Mistral, Qwen2, ...: q/k/v/gate/up ``ColwiseParallel``, o/down ``RowwiseParallel``)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    if not plan:
+        raise ValueError(f"nf4compile: {type(model).__name__} has no config.base_model_tp_plan; write the plan by hand")
+    unknown = sorted({style for style in plan.values() if style not in styles})
+    if unknown:
+        raise ValueError(f"nf4compile: tensor-parallel styles {unknown} of {type(model).__name__}; only colwise and rowwise are mapped")
+    return {f"{model.base_model_prefix}.{pattern}": styles[style]() for pattern, style in plan.items()}
+
+
 def read_dcp_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
     """Every tensor of a DCP checkpoint folder, whole, on the CPU of one process (no process group needed):
     for a model saved sharded with nf4compile, exactly the entries ``nf4compile.save`` would have written."""
@@ -97,5 +113,7 @@ def read_dcp_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
         for name, meta in reader.read_metadata().state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load(state_dict, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dcp.load(state_dict, storage_reader=reader, no_dist=True)
     return state_dict

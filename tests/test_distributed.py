@@ -9,7 +9,6 @@ order; measured ~1e-6), every greedy token equal.
 """
 
 import copy
-import math
 import os
 import socket
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4compile
 from nf4compile import NF4Tensor, to_nf4
-from nf4compile.distributed import read_dcp_checkpoint
+from nf4compile.distributed import read_dcp_checkpoint, tensor_parallel_plan
 from nf4compile.sharding import fsdp_post_all_gather, fsdp_pre_all_gather
 
 WORLD = 2
@@ -120,20 +119,9 @@ def test_fsdp_all_gather_extension_rebuilds_the_whole_weight(double_quant):
 # --- 2 processes: FSDP2 QLoRA, DCP, tensor parallel ------------------------------------------------
 
 
-class LoRALinear(nn.Module):
-    """A frozen (NF4) linear plus a trainable low-rank update in fp32: plain LoRA for these tests."""
-
-    def __init__(self, base: nn.Linear, rank: int = 4):
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x):
-        return self.base(x) + (x.float() @ self.lora_a.t() @ self.lora_b.t()).to(x.dtype)
-
-
 def _llama(layers: int, dtype, seed: int, lora: bool, quantize: bool = True):
+    """A tiny random Llama, NF4 unless ``quantize=False``, with peft LoRA adapters (fp32) on every projection."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
@@ -141,12 +129,7 @@ def _llama(layers: int, dtype, seed: int, lora: bool, quantize: bool = True):
     if quantize:
         nf4compile.quantize(model)
     if lora:
-        model.requires_grad_(False)
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if name in PROJECTIONS:
-                        setattr(parent, name, LoRALinear(child))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS)))
     return model
 
 
@@ -171,7 +154,8 @@ def _fsdp_qlora(rank: int, tmp: Path) -> None:
     model = _llama(2, torch.bfloat16, seed=0, lora=True)
     reference = copy.deepcopy(model)  # the single-process run
     wholes = {n: p for n, p in model.named_parameters() if isinstance(p, NF4Tensor)}
-    for layer in model.model.layers:
+    layers = model.base_model.model.model.layers
+    for layer in layers:
         fully_shard(layer)
     fully_shard(model)
 
@@ -203,23 +187,21 @@ def _fsdp_qlora(rank: int, tmp: Path) -> None:
         losses.append(loss.item() / WORLD)
         reference_losses.append(reference_loss.item())
         if step == 0:  # every decoder layer gathered as NF4 codes and scales (+ fp32 LoRA, bf16 norms)
-            layer = reference.model.layers[0]
+            layer = reference.base_model.model.model.layers[0]
             nf4_bytes = sum(p.nbytes_quantized() - (4 if p.double_quant else 0)  # offset: metadata
                             for p in layer.parameters() if isinstance(p, NF4Tensor))
             layer_bytes = nf4_bytes + sum(p.nbytes for p in layer.parameters() if not isinstance(p, NF4Tensor))
             dense_bytes = sum(p.numel() * 2 for p in layer.parameters())
-            assert gathered.sizes.count(layer_bytes) == 2 * len(model.model.layers), (gathered.sizes, layer_bytes)
+            assert gathered.sizes.count(layer_bytes) == 2 * len(layers), (gathered.sizes, layer_bytes)
             assert layer_bytes < 0.35 * dense_bytes
     assert max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 2e-2, (losses, reference_losses)
     assert losses[-1] < losses[0] - 0.1, losses  # the adapters learned
 
     # A sharded checkpoint: bitsandbytes' entries as DTensors; then the whole of it on rank 0 for the main process.
     state = model.state_dict()
-    assert {k for k in state if "q_proj.base.weight" in k} >= {
-        "model.layers.0.self_attn.q_proj.base.weight", "model.layers.0.self_attn.q_proj.base.weight.absmax",
-        "model.layers.0.self_attn.q_proj.base.weight.nested_absmax",
-        "model.layers.0.self_attn.q_proj.base.weight.quant_state.bitsandbytes__nf4",
-    }
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert isinstance(state[q_proj], DTensor) and state[q_proj].dtype == torch.uint8
+    assert isinstance(state[q_proj + ".nested_absmax"], DTensor) and q_proj + ".quant_state.bitsandbytes__nf4" in state
     dcp_save(state, checkpoint_id=tmp / "checkpoint")
     probe = ids[:1]
     with torch.no_grad():
@@ -230,7 +212,7 @@ def _fsdp_qlora(rank: int, tmp: Path) -> None:
 
     # Resume on other base weights and adapters: dcp.load fills the shards in place, load_state_dict the rest.
     resumed = _llama(2, torch.bfloat16, seed=1, lora=True)
-    for layer in resumed.model.layers:
+    for layer in resumed.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(resumed)
     state = resumed.state_dict()
@@ -270,14 +252,11 @@ def _decode_step(model, cache, token, position):
 def _tensor_parallel(rank: int) -> None:
     from torch._inductor.utils import fresh_cache, run_and_get_code
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     model = _llama(1, torch.float32, seed=2, lora=False).eval()
     reference = copy.deepcopy(model)
-    plan = {f"model.layers.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan.update({f"model.layers.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
-    plan.update({"model.layers.*.self_attn.o_proj": RowwiseParallel(), "model.layers.*.mlp.down_proj": RowwiseParallel()})
-    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), plan)
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), tensor_parallel_plan(model))
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         weight = model.model.layers[0].get_submodule(name).weight
         whole = reference.model.layers[0].get_submodule(name).weight.dequantize()
