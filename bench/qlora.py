@@ -66,6 +66,7 @@ def build(method: str, shapes: dict, device) -> nn.Module:
         nf4compile.quantize(model)
     elif method.startswith("bnb"):
         to_bnb(model)
+        model.is_loaded_in_4bit = True  # as transformers' loader marks it: peft then wraps with its bnb LoRA layer
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.enable_input_require_grads()
