@@ -17,7 +17,7 @@ compare them with a device-to-device copy measured in the same run.
 
 --tune times every candidate plan of the dispatcher first (ops/triton_linear.py) and writes the
 winners as tuned_configs_h100.json into --out; without it the dispatcher uses the shipped plans.
-Writes <gpu>-<date>.json and .png into --out (default bench/results).
+Writes <gpu>-<date><suffix>.json and .png into --out (default bench/results).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def bench_shape(N, K, ms, args, copy_tbps, rows, tuning, checks):
     rows.append({"N": N, "K": K, "M": 0, "method": "dequantize", "us": dequant_us, "tbps": dequant_tbps,
                  "pct_copy_bw": 100 * dequant_tbps / copy_tbps})
     print(f"{N:>6}x{K:<6} dequantize {dequant_us:8.1f}us {dequant_tbps:.2f} TB/s", flush=True)
-    ao_weight = torchao_to_nf4(w, BLOCK, 256) if linear_nf4 is not None and (N, K) in args.torchao_shapes else None
+    ao_weight = torchao_to_nf4(w, BLOCK, 256) if linear_nf4 is not None else None
     for M in ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         io_bytes = (M * K + M * N) * 2
@@ -184,12 +184,19 @@ def bench_shape(N, K, ms, args, copy_tbps, rows, tuning, checks):
             methods["bf16_dequantized_w"] = (lambda: F.linear(x, w_dq), N * K * 2)
         if bnb is not None:
             methods["bnb"] = (lambda: bnb.matmul_4bit(x, weight.bnb_packed.t(), weight.bnb_state), weight.nbytes())
-        if ao_weight is not None and M in args.torchao_ms:
+        # torchao at the first of --torchao-ms on every shape, at the others while its time budget
+        # lasts (each point is a fresh compile).
+        if ao_weight is not None and M in args.torchao_ms and (
+            M == args.torchao_ms[0] or args.torchao_spent_s < args.torchao_budget_s
+        ):
             torch._dynamo.reset()  # torchao specializes per shape; compile afresh
             compiled = torch.compile(linear_nf4)
             methods["torchao"] = (lambda: compiled(x, ao_weight), weight.nbytes())
         for name, (fn, weight_bytes) in methods.items():
+            t0 = time.perf_counter()
             us = median_us(fn)
+            if name == "torchao":
+                args.torchao_spent_s += time.perf_counter() - t0
             row = {"N": N, "K": K, "M": M, "method": name, "us": us}
             if M <= GRAPH_MAX_M and name in ("bf16", "unfused", "fused"):
                 copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / weight_bytes))
@@ -274,13 +281,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
-    parser.add_argument("--torchao-shapes", default="4096x4096,28672x8192")
-    parser.add_argument("--torchao-ms", default="1,2048")
+    parser.add_argument("--torchao-ms", default="1,2048", help="the first on every shape, the others while "
+                        "--torchao-budget-s (compile and timing) lasts")
+    parser.add_argument("--torchao-budget-s", type=float, default=120.0)
+    parser.add_argument("--suffix", default="", help="appended to the result files' names, e.g. --suffix=-v2 for a second run that day")
     parser.add_argument("--profile", action="store_true", help="only run the fused op 3 times per point (for ncu)")
     args = parser.parse_args()
     parse_shapes = lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",") if p]
     shapes, ms = parse_shapes(args.shapes), [int(m) for m in args.ms.split(",")]
-    args.torchao_shapes = parse_shapes(args.torchao_shapes)
+    args.torchao_spent_s = 0.0
     args.torchao_ms = [int(m) for m in args.torchao_ms.split(",") if m]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -311,15 +320,18 @@ def main() -> None:
     meta["copy_tbps"] = copy_bandwidth_tbps()
     print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  copy {meta['copy_tbps']:.2f} TB/s")
     rows, tuning, checks = [], [], {}
-    for N, K in shapes:
-        bench_shape(N, K, ms, args, meta["copy_tbps"], rows, tuning, checks)
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + "-" + meta["date"][:10]
-    result = {**meta, "checks": checks, "eager_overhead": eager_overheads(), "rows": rows}
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + "-" + meta["date"][:10] + args.suffix
+    result = {**meta, "checks": checks, "rows": rows}
     if args.tune:
         result["tuning"] = tuning
+    for N, K in shapes:
+        bench_shape(N, K, ms, args, meta["copy_tbps"], rows, tuning, checks)
+        # Written after every shape: a run cut short (a device lease's time limit) keeps what it measured.
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        if args.tune:
+            export_plans(args.out / "tuned_configs_h100.json", {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+    result["eager_overhead"] = eager_overheads()
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    if args.tune:
-        export_plans(args.out / "tuned_configs_h100.json", {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
     plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
     print(json.dumps({"checks": checks, "eager_overhead": result["eager_overhead"]}, indent=1))
 

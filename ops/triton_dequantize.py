@@ -68,10 +68,32 @@ def load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_Q
 
 @triton.jit
 def lookup(table, idx):
-    """table[idx] for a small table held in registers. Triton stages it in shared memory, so a
-    lookup is one shared load: cheaper than a global gather, and invisible to the software
-    pipeliner (which turned global codebook gathers into per-element async copies)."""
-    return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.numel]), 0), idx.shape)
+    """table[idx & 15] for the 16-entry codebook held in registers. Triton stages it in shared
+    memory (once: the staging is loop-invariant and hoisted out of K loops), so a lookup is one
+    shared load, free of bank conflicts (16 entries in 16 banks): cheaper than a global gather, and
+    invisible to the software pipeliner (which turned global codebook gathers into per-element
+    async copies)."""
+    flat = tl.reshape(idx & 0xF, [idx.numel])
+    return tl.reshape(tl.gather(table, flat, 0), idx.shape)
+
+
+@triton.jit
+def lane_codebook(code_ptr):
+    """For shuffle_lookup: this lane's codebook entry (lane % 16). A scalar, so every thread holds
+    its own lane's entry and no layout conversion can move it to another lane. GPU only (PTX)."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(code_ptr + lane % 16)
+
+
+@triton.jit
+def shuffle_lookup(entry, idx):
+    """codebook[idx & 15] as one warp shuffle from lane_codebook's entries: no shared memory and no
+    mask (segment mask 0x10: the shuffle reads lane (lane & 16) | (idx & 15)), so fewer
+    instructions than lookup; but on an H100 a shuffle takes two cycles of the shared-memory pipe
+    that a conflict-free lookup takes one of (bench/NOTES.md). All lanes of a warp must execute it
+    together (the kernels have no divergent branches). GPU only (PTX)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=f,f,r", [entry, idx],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -89,7 +111,7 @@ def _nf4_dequantize_kernel(
     byte_idx = row[:, None] // 2 + tl.arange(0, SUB // 2)[None, :]
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < nbytes, other=0).to(tl.int32)
     scale = load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, row // QBLOCK, row < numel, DOUBLE_QUANT, False)
-    values = lookup(tl.load(code_ptr + tl.arange(0, 16)), tl.interleave(byte >> 4, byte & 0xF))
+    values = lookup(tl.load(code_ptr + tl.arange(0, 16)), tl.interleave(byte >> 4, byte))
     offs = row[:, None] + tl.arange(0, SUB)[None, :]
     tl.store(out_ptr + offs, (values * scale[:, None]).to(out_ptr.dtype.element_ty), mask=offs < numel)
 

@@ -2,9 +2,10 @@
 
 Three paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
 passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
-  gemv     x @ W.T for M <= GEMV_MAX_M (tuned plans: up to 4): dot products on CUDA cores, W read
-           once, split-K where N is small. Bound by the instructions that decode each weight (a
-           nibble shift and mask, a codebook lookup, a multiply-add), not by HBM: bench/NOTES.md.
+  gemv     x @ W.T for one row of activations (decode): dot products on CUDA cores, W read once,
+           split-K where N is small. Per-thread partial sums, reduced once after the K loop; each
+           code costs a shift, a codebook lookup and a multiply-add. Bound by the shared-memory
+           pipe that serves the lookups and by latency, not yet by HBM: bench/NOTES.md.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs.
@@ -14,6 +15,9 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
 Which path and which kernel config serve a (orientation, N, K, M bucket) is a "plan". Plans come
 from ops/tuned_configs_h100.json on an H100, from tuning once per key when NF4COMPILE_AUTOTUNE=1,
 and otherwise from the measured defaults below. A plan, once chosen, is cached: never re-tuned.
+
+Both fused kernels look codes up in the 16-entry codebook either in shared memory or by warp
+shuffles from registers (a plan's "lookup"), whichever measured faster for the shape.
 
 Activations: fp16 and bf16 take every path. fp32 activations take the gemv path (exact fp32
 arithmetic) or dequantize to fp32 + torch.matmul, which keeps torch's TF32 setting in charge; the
@@ -34,66 +38,77 @@ import triton.testing
 
 from nf4compile.ops.nf4_ops import check_scales, linear, linear_output_shape
 from nf4compile.ops.triton_dequantize import (
-    load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, well_formed,
+    lane_codebook, load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, shuffle_lookup, well_formed,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TUNED_CONFIGS = Path(__file__).with_name("tuned_configs_h100.json")
 
-# Measured on an H100 (bench/NOTES.md): gemv wins at M = 1 (7 of 7 shapes) and loses to mm at
-# M = 4 (6 of 7): gemv costs grow per row, mm's do not, so they cross near M = 2. mm beats
-# dequantize + cuBLAS at M = 64 (6 of 7) and ties it at M = 256; dequantize + cuBLAS wins at 2048.
-# Used where no tuned plan covers the shape. The gemv kernel serves at most GEMV_LIMIT_M rows.
-GEMV_MAX_M = 2
-GEMV_LIMIT_M = 4
+# Measured on an H100 (bench/NOTES.md): the gemv kernel serves one row of activations (decode): mm
+# took M = 4 from the earlier multi-row gemv on 6 of 7 shapes, its cost barely grows with M <= 16.
+# mm beats dequantize + cuBLAS up to M = 64 (M = 256 on some shapes). Used where no tuned plan
+# covers the shape.
+GEMV_MAX_M = 1
 MM_MAX_M = 256
 
 
 @triton.jit
-def _decode_tile(
-    table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-    rows, row_mask, k0, K, stride_w,
+def _load_tile(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, rows, row_mask, k0, K, stride_w,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """W[rows, k0 : k0 + GROUPS * SUB] as codebook values [len(rows), GROUPS, SUB] (fp32, zero
-    outside W) and the scales of its groups [len(rows), GROUPS]: W = values * scales[:, :, None].
+    """The codes of W[rows, k0 : k0 + GROUPS * SUB] as 32-bit words [len(rows), GROUPS, SUB // 8]
+    (8 codes each, zero outside W) and the scales of its groups [len(rows), GROUPS].
 
     Needs K % QBLOCK == 0 (no quantization block spans two rows), so a group of SUB columns has one
     scale, loaded once per group rather than once per weight.
     """
+    # Loaded as a 2-D tile (16-byte loads, a thread's rows over the same columns, so that the
+    # activations it converts serve all of them), then viewed per group.
+    word_col = k0 // 8 + tl.arange(0, GROUPS * SUB // 8)
+    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * stride_w + word_col[None, :]
+    words = masked_load(word_ptr, row_mask[:, None] & (word_col < K // 8)[None, :], 0, EVEN)
     g_col = k0 + tl.arange(0, GROUPS) * SUB
     mask = row_mask[:, None] & (g_col < K)[None, :]
-    # The codes as 32-bit words (stride_w: words per row): a constant shift and a mask per code
-    # cost fewer instructions than unpacking bytes first.
-    word_col = g_col[:, None] // 8 + tl.arange(0, SUB // 8)[None, :]
-    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None].to(tl.int64) * stride_w
-    w = masked_load(word_ptr + word_col[None, :, :], mask[:, :, None], 0, EVEN)
-    codes = tl.reshape(_word_codes(w), [rows.shape[0], GROUPS, SUB])
     blk = rows[:, None] * (K // QBLOCK) + g_col[None, :] // QBLOCK
     scale = load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_QUANT, EVEN)
-    # One lookup (one staging of the table) for the whole tile.
-    return lookup(table, codes), scale
+    return tl.reshape(words, [rows.shape[0], GROUPS, SUB // 8]), scale
 
 
 @triton.jit
-def _word_codes(w):
-    """The 8 codes of each little-endian word in element order, as a new minor axis of 8.
+def _codes(words):
+    """The 8 codes of each little-endian word, in element order along a new minor axis of 8.
 
     Code p sits at bit 8 * (p // 2) + 4 * (1 - p % 2) (element 2j is the high nibble of byte j).
     Each tl.join adds a minor axis of 2, so after three nested joins a code's position is
     4 * (its place in the innermost pair) + 2 * (in the middle pair) + (in the outer pair):
     hence the pairs (0, 4), (2, 6) | (1, 5), (3, 7), written below as their bit offsets.
     """
-    return tl.join(
-        tl.join(tl.join(_nib(w, 4), _nib(w, 20)), tl.join(_nib(w, 12), _nib(w, 28))),
-        tl.join(tl.join(_nib(w, 0), _nib(w, 16)), tl.join(_nib(w, 8), _nib(w, 24))),
+    codes = tl.join(
+        tl.join(tl.join(words >> 4, words >> 20), tl.join(words >> 12, words >> 28)),
+        tl.join(tl.join(words, words >> 16), tl.join(words >> 8, words >> 24)),
     )
+    return tl.reshape(codes, [words.shape[0], words.shape[1], words.shape[2], 8])
 
 
 @triton.jit
-def _nib(w, shift: tl.constexpr):
-    return (w >> shift) & 0xF
+def _codebook(code_ptr, SHUFFLE: tl.constexpr):
+    """What _decode reads the codebook from (loaded once, before a kernel's K loop)."""
+    if SHUFFLE:
+        return lane_codebook(code_ptr)
+    else:
+        return tl.load(code_ptr + tl.arange(0, 16))
+
+
+@triton.jit
+def _decode(table, codes, SHUFFLE: tl.constexpr):
+    """The codebook values (fp32) of ``codes`` (only their low 4 bits count), by warp shuffles or
+    shared-memory loads: plans choose per shape (tuned on an H100: bench/NOTES.md)."""
+    if SHUFFLE:
+        return shuffle_lookup(table, codes)
+    else:
+        return lookup(table, codes)
 
 
 # gemv -------------------------------------------------------------------------------------------
@@ -102,84 +117,81 @@ def _nib(w, shift: tl.constexpr):
 @triton.jit
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_w, stride_xm, stride_om,
+    N, K, stride_w,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
-    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
 ):
-    # A program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams that slice in
-    # steps of BLOCK_K columns; all M (<= BLOCK_M) rows of x reuse each decoded weight.
+    # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
+    # that slice in steps of BLOCK_K columns.
     BLOCK_K: tl.constexpr = GROUPS * SUB
+    WORDS: tl.constexpr = SUB // 8
     pid_k = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    m = tl.arange(0, BLOCK_M)
     g_col = tl.arange(0, GROUPS) * SUB
-    cols = g_col[:, None] + tl.arange(0, SUB)[None, :]
+    x_col = g_col[:, None, None] + tl.arange(0, WORDS)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    table = _codebook(code_ptr, SHUFFLE)
+    # Partial sums per word, reduced across threads once after the loop, not every step. Scales
+    # multiply each word's dot product, not each weight.
+    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
     for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K, num_stages=NUM_STAGES):
-        values, scale = _decode_tile(
-            table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+        words, scale = _load_tile(
+            packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
             rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
         )
-        # One x row at a time, reduced to a [BLOCK_N] vector: the tile stays in the layout it was
-        # loaded in and acc in the layout of the reduction (a 4-D broadcast over M, or a 3-D
-        # accumulator, made Triton move them through shared memory every step). Scales multiply
-        # the per-group partial sums, not each weight.
-        for i in tl.static_range(BLOCK_M):
-            # Rows past M (M not a power of two) re-read row M - 1; they are never stored.
-            x_row = x_ptr + tl.minimum(M - 1, i) * stride_xm + k0
-            x = masked_load(x_row + cols, (k0 + g_col < K)[:, None], 0.0, EVEN).to(tl.float32)
-            part = tl.sum(tl.sum(values * x[None, :, :], axis=2) * scale, axis=1)
-            acc += tl.where((m == i)[None, :], part[:, None], 0.0)
+        x = masked_load(x_ptr + k0 + x_col, (k0 + g_col < K)[:, None, None], 0.0, EVEN).to(tl.float32)
+        acc += tl.sum(_decode(table, _codes(words), SHUFFLE) * x[None, :, :, :], axis=3) * scale[:, :, None]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
-    offs = m[None, :] * stride_om + rows[:, None]
-    mask = (m < M)[None, :] & row_mask[:, None]
+        out += tl.where(pid_k == 0, bias, 0.0)
     if SPLIT_K == 1:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
-        tl.atomic_add(out_ptr + offs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(out_ptr + rows, out, mask=row_mask, sem="relaxed")
 
 
-# BLOCK_N rows x BLOCK_K columns per step: 1-4 KB of codes. Taller tiles give a thread several rows
-# over the same columns, so each x element is converted once for all of them.
+# BLOCK_N rows x BLOCK_K columns per step. Triton lays a [BLOCK_N, BLOCK_K / 8] tile of words out as
+# 16-byte runs along K, 64 words per warp row: tiles with more rows than the warps cover give each
+# thread several rows over the same columns (x converted once for them all): 4 rows per thread
+# compile to ~5.3 SASS instructions per weight, 2 rows ~6.0, 1 row ~7.8 (bench/NOTES.md). Small N
+# wants short tiles or split-K to fill the SMs.
 GEMV_CONFIGS = [
     dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3),
-    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3),
-    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=4),
-    dict(BLOCK_N=4, BLOCK_K=512, SPLIT_K=1, num_warps=2, num_stages=4),
-    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3),
-    dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=3),
-    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3),
-    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=5),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_N=8, BLOCK_K=2048, SPLIT_K=1, num_warps=4, num_stages=2),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3, lookup="shuffle"),
 ]
 
 
 def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config):
-    """Launch wrapper: x2 [M, K] @ W.T (+ bias) -> [M, N] in x2.dtype, for M <= GEMV_LIMIT_M rows."""
-    M = x2.shape[0]
+    """Launch wrapper: x2 [1, K] @ W.T (+ bias) -> [1, N] in x2.dtype."""
+    assert x2.shape[0] == 1, "the gemv kernel serves one row of activations"
     split_k = config["SPLIT_K"]
-    out = _output(M, N, x2, split_k)
+    out = _output(1, N, x2, split_k)
     code, dyn = lookup_tables(x2.device)
     sub = min(config["BLOCK_K"], block_size)
     grid = (-(-N // config["BLOCK_N"]), split_k)
     _nf4_gemv_kernel[grid](
         x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
-        bias if bias is not None else out, out,
-        M, N, K, K // 8, x2.stride(0), out.stride(0),
+        bias if bias is not None else out, out, N, K, K // 8,
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=_m_bucket(M), BLOCK_N=config["BLOCK_N"],
-        GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
-        EVEN=N % config["BLOCK_N"] == 0 and K % config["BLOCK_K"] == 0,
-        num_warps=config["num_warps"],
+        BLOCK_N=config["BLOCK_N"], GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k,
+        NUM_STAGES=config["num_stages"], EVEN=N % config["BLOCK_N"] == 0 and K % config["BLOCK_K"] == 0,
+        SHUFFLE=_shuffle(config), num_warps=config["num_warps"],
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -194,7 +206,7 @@ def _nf4_mm_kernel(
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
-    GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+    GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
 ):
     # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
     # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
@@ -210,22 +222,22 @@ def _nf4_mm_kernel(
     o = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     red_per_split = tl.cdiv(tl.cdiv(RED, BLOCK_RED), SPLIT_K) * BLOCK_RED
     r_start = pid_k * red_per_split
-    table = tl.load(code_ptr + tl.arange(0, 16))
+    table = _codebook(code_ptr, SHUFFLE)
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
         r = r0 + tl.arange(0, BLOCK_RED)
         if X_AT_W:
-            values, scale = _decode_tile(
-                table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+            words, scale = _load_tile(
+                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                 r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
             )
-            a = tl.trans(tl.reshape(values * scale[:, :, None], [BLOCK_RED, BLOCK_OUT]))
+            a = tl.trans(tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
         else:
-            values, scale = _decode_tile(
-                table, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+            words, scale = _load_tile(
+                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                 o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
             )
-            a = tl.reshape(values * scale[:, :, None], [BLOCK_OUT, BLOCK_RED])
+            a = tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
         # Rows of x past M are always masked (M is free); the reduced axis only when not EVEN.
         x_mask = (m < M)[None, :]
         if not EVEN:
@@ -251,6 +263,8 @@ MM_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
     dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2, num_warps=4, num_stages=3),
     dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=2, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=256, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=2, num_warps=4, num_stages=3),
@@ -259,6 +273,14 @@ MM_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_OUT=256, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+    # The same tiles decoding by warp shuffles (fewer instructions and registers; see _decode).
+    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2, num_warps=4, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=4, lookup="shuffle"),
+    dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
+    dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
 ]
 
 
@@ -280,7 +302,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
         X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
         BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
-        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k,
+        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=_shuffle(config),
         EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -288,6 +310,12 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _shuffle(config) -> bool:
+    # Configs with "lookup": "shuffle" decode by warp shuffles, which run no PTX in the interpreter:
+    # there they take the shared-memory lookup (the same values).
+    return config.get("lookup") == "shuffle" and not INTERPRET
 
 
 def _nested_args(absmax, nested_absmax, offset):
@@ -328,8 +356,8 @@ def default_plan(M, N, K, x_at_w, dtype, device) -> dict:
     mixed = dtype in _TL_DTYPES
     sms = _num_sms(device)
     if not x_at_w and M <= GEMV_MAX_M:
-        config = dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3)
-        config["SPLIT_K"] = _split_for(triton.cdiv(N, 8), triton.cdiv(K, 512), sms)
+        config = dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3)
+        config["SPLIT_K"] = _split_for(triton.cdiv(N, 16), triton.cdiv(K, 512), sms)
         return {"path": "gemv", "config": config}
     if not mixed or M > MM_MAX_M:
         return {"path": "dequant"}
@@ -344,7 +372,7 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
     """Every plan the tuner times for a call with M activation rows."""
     plans = [{"path": "dequant"}]
     bucket = _m_bucket(M)
-    if not x_at_w and bucket <= GEMV_LIMIT_M:
+    if not x_at_w and bucket <= GEMV_MAX_M:
         plans += [{"path": "gemv", "config": c} for c in GEMV_CONFIGS]
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
@@ -390,7 +418,7 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     for (xw, n, k, b), plan in _shipped_plans(device).items():
         if (xw, n, k) != (x_at_w, N, K):
             continue
-        if (plan["path"] == "gemv" and M > GEMV_LIMIT_M) or (plan["path"] == "mm" and dtype not in _TL_DTYPES):
+        if (plan["path"] == "gemv" and M > GEMV_MAX_M) or (plan["path"] == "mm" and dtype not in _TL_DTYPES):
             continue
         usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
     return min(usable, key=lambda t: t[:2])[2] if usable else None
@@ -454,7 +482,8 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_feature
         packed, absmax = packed.reshape(-1), absmax.reshape(-1)
     args = (x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
     plan = plan or plan_for(*args)
-    if packed.data_ptr() % 4:  # the fused kernels read the codes as 32-bit words
+    # The fused kernels read the codes as 32-bit words; the gemv kernel serves one row of x @ W.T.
+    if packed.data_ptr() % 4 or (plan["path"] == "gemv" and (x_at_w or x2.shape[0] > GEMV_MAX_M)):
         plan = {"path": "dequant"}
     out = run_plan(plan, *args)
     return out if x.dim() == 2 else out.view(out_shape)

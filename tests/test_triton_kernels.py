@@ -105,9 +105,11 @@ def test_dequantize_empty():
 # Small tiles so that the odd shapes below take several steps, partial tiles and masked groups.
 GEMV = {"path": "gemv", "config": dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)}
 GEMV_SPLIT = {"path": "gemv", "config": dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2)}
+GEMV_SHUFFLE = {"path": "gemv", "config": {**GEMV["config"], "lookup": "shuffle"}}
 MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
+MM_SHUFFLE = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "shuffle"}}
 DEQUANT = {"path": "dequant"}
 
 # (N, K, block_size, double_quant): N and K not powers of two, K = block size, K < a tile, and
@@ -135,19 +137,21 @@ def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=F
     assert rel_err(out, ref) < limit
 
 
-@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT], ids=["gemv", "gemv-splitk"])
+# The shuffle plans decode by warp shuffles on a GPU and by the shared-memory lookup in the
+# interpreter (no PTX there): under the interpreter they check the plumbing, on a GPU the shuffles.
+@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE], ids=["gemv", "gemv-splitk", "gemv-shuffle"])
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
-@pytest.mark.parametrize("M", [1, 3])
-def test_gemv(plan, N, K, block_size, double_quant, M):
-    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=M == 1)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv(plan, N, K, block_size, double_quant, bias):
+    _check_linear(plan, N, K, block_size, double_quant, 1, torch.bfloat16, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gemv_dtypes(dtype):
-    _check_linear(GEMV, 40, 192, 64, True, 2, dtype, bias=True)
+    _check_linear(GEMV, 40, 192, 64, True, 1, dtype, bias=True)
 
 
-@pytest.mark.parametrize("plan", [MM, MM_SPLIT, MM_WIDE], ids=["mm", "mm-splitk", "mm-wide"])
+@pytest.mark.parametrize("plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE], ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle"])
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
 def test_mm(plan, N, K, block_size, double_quant, x_at_w):
@@ -254,6 +258,21 @@ def test_llama_shapes_cuda(N, K, M, double_quant):
     grad = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     out_t = torch.ops.nf4compile.linear(grad, packed, absmax, nested, offset, 64, N, K, None, True)
     assert rel_err(out_t, grad.double() @ w64) < 1e-2
+
+
+@pytest.mark.parametrize("M,x_at_w", [(1, False), (16, False), (64, False), (256, False), (16, True)])
+@pytest.mark.cuda
+@requires_cuda
+def test_every_candidate_plan_cuda(M, x_at_w):
+    """Every plan the tuner may ship (both lookups), on a shape every tile divides: the kernels that
+    the Llama shapes of bench/kernels.py compile."""
+    N, K = 512, 2048
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
+    x = torch.randn(M, N if x_at_w else K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ (w64 if x_at_w else w64.T)
+    for plan in triton_linear.candidate_plans(M, x_at_w, torch.bfloat16):
+        out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, None, x_at_w, plan=plan)
+        assert rel_err(out, ref) < 1e-2, plan
 
 
 @pytest.mark.cuda
