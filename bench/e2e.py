@@ -343,10 +343,11 @@ TARGETS = [  # (name, metric, threshold, higher is better) on llama-2-7b
 ]
 
 
-def targets(results: list) -> list:
-    done = {(r["batch"], r["method"]): r for r in results if r["model"] == "llama-2-7b" and r["status"] == "ok"}
+def evaluate_targets(table: list, done: dict) -> list:
+    """Rows of (target, value, threshold, met) for ``table``'s (name, metric, threshold, higher is better);
+    ``done``: {(batch, method): finished result}. A target whose results are missing has value None."""
     rows = []
-    for name, metric, threshold, higher in TARGETS:
+    for name, metric, threshold, higher in table:
         try:
             value = metric(done)
         except (KeyError, TypeError, ZeroDivisionError):
@@ -356,15 +357,22 @@ def targets(results: list) -> list:
     return rows
 
 
-def write_json(path: Path, report: dict) -> None:
+def targets(results: list) -> list:
+    done = {(r["batch"], r["method"]): r for r in results if r["model"] == "llama-2-7b" and r["status"] == "ok"}
+    return evaluate_targets(TARGETS, done)
+
+
+def write_json(path: Path, report: dict, targets=targets) -> None:
+    """The report with its targets (``targets(results)``), written atomically."""
     report["targets"] = targets(report["results"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated file
 
 
-def plot(json_path: Path) -> Path | None:
-    """Decode tok/s, prefill ms, memory and compile time per configuration, as a PNG beside the JSON."""
+def plot_panels(json_path: Path, panels: list, label, color, title: str) -> Path | None:
+    """One bar chart per (result key, panel title) over the finished configurations, as a PNG beside the
+    JSON; ``label(result)`` and ``color(result)`` name and colour each bar. None without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         return None
     import matplotlib
@@ -376,25 +384,32 @@ def plot(json_path: Path) -> Path | None:
     ok = [r for r in report["results"] if r["status"] == "ok"]
     if not ok:
         return None
-    panels = [("decode_tok_s", "decode tokens/s per sequence"), ("prefill_ms", "prefill ms"),
-              ("peak_gb", "peak GPU memory GB (weight GB hatched)"), ("compile_s", "compile s (warm-up generate)")]
-    labels = [f"{r['model']} b{r['batch']}\n{r['method']}" for r in ok]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.7 * len(ok)), 3.2 * len(panels)))
-    colors = {"bf16": "tab:gray", "nf4compile": "tab:green", "bnb": "tab:blue", "torchao": "tab:orange"}
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, panel_title) in zip(axes, panels):
         values = [r.get(key) or 0 for r in ok]
-        bars = ax.bar(range(len(ok)), values, color=[colors.get(model_family(r["method"]), "tab:purple") for r in ok])
+        bars = ax.bar(range(len(ok)), values, color=[color(r) for r in ok])
         ax.bar_label(bars, fmt="%.3g", fontsize=6)
         if key == "peak_gb":
             ax.bar(range(len(ok)), [r.get("weight_gb") or 0 for r in ok], fill=False, hatch="//")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=90)
-    fig.suptitle(f"{report['environment']['device']}: prompt {report['args']['prompt']}", fontsize=10)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xticks(range(len(ok)), [label(r) for r in ok], fontsize=6, rotation=90)
+    fig.suptitle(title.format(**{**report["args"], **report["environment"]}), fontsize=10)
     fig.tight_layout()
     out = Path(json_path).with_suffix(".png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot(json_path: Path) -> Path | None:
+    """Decode tok/s, prefill ms, memory and compile time per configuration, as a PNG beside the JSON."""
+    panels = [("decode_tok_s", "decode tokens/s per sequence"), ("prefill_ms", "prefill ms"),
+              ("peak_gb", "peak GPU memory GB (weight GB hatched)"), ("compile_s", "compile s (warm-up generate)")]
+    colors = {"bf16": "tab:gray", "nf4compile": "tab:green", "bnb": "tab:blue", "torchao": "tab:orange"}
+    return plot_panels(
+        json_path, panels, label=lambda r: f"{r['model']} b{r['batch']}\n{r['method']}",
+        color=lambda r: colors.get(model_family(r["method"]), "tab:purple"), title="{device}: prompt {prompt}",
+    )
 
 
 # --- main ------------------------------------------------------------------------------------------

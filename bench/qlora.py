@@ -33,7 +33,6 @@ import gc
 import importlib.metadata
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e import MODELS, SMALL_MODELS, build_bf16, cleanup, environment, sync, to_bnb  # noqa: E402
+from e2e import MODELS, SMALL_MODELS, build_bf16, cleanup, environment, evaluate_targets, plot_panels, sync, to_bnb, write_json  # noqa: E402
 
 START = time.monotonic()
 MODEL = "llama-2-7b"
@@ -117,7 +116,6 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     losses = [float(loss) for loss in losses]
     if not all(map(math.isfinite, losses)):
         raise FloatingPointError(f"non-finite loss: {losses}")
-    del optimizer
     return dict(step_ms=statistics.median(step_ms), step_ms_all=step_ms, peak_gb=peak_gb, compile_s=warmup_s[0],
                 graphs=counters["stats"]["unique_graphs"] - graphs_before,  # compiled: 1 (each a forward and a backward)
                 tokens_per_s=batch * args.seq / (statistics.median(step_ms) / 1e3), loss_first=losses[0], loss_last=losses[-1])
@@ -144,56 +142,18 @@ TARGETS = [  # (name, metric, threshold, higher is better); r[batch, method] is 
 
 
 def targets(results: list) -> list:
-    done = {(r["batch"], r["method"]): r for r in results if r["status"] == "ok"}
-    rows = []
-    for name, metric, threshold, higher in TARGETS:
-        try:
-            value = metric(done)
-        except (KeyError, TypeError, ZeroDivisionError):
-            value = None
-        met = None if value is None else (value >= threshold if higher else value <= threshold)
-        rows.append(dict(target=name, value=value, threshold=threshold, met=met))
-    return rows
-
-
-def write_report(path: Path, report: dict) -> None:
-    report["targets"] = targets(report["results"])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated file
+    return evaluate_targets(TARGETS, {(r["batch"], r["method"]): r for r in results if r["status"] == "ok"})
 
 
 def plot(json_path: Path) -> Path | None:
     """Step time and peak memory per configuration, as a PNG beside the JSON."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report = json.loads(Path(json_path).read_text())
-    ok = [r for r in report["results"] if r["status"] == "ok"]
-    if not ok:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(ok)), 4.5))
     colors = {"nf4compile": "tab:green", "nf4compile-eager": "tab:olive", "bf16-compiled": "tab:gray",
               "bnb-eager": "tab:blue", "bnb-compiled": "tab:cyan"}
-    labels = [f"{r['method']}\nbatch {r['batch']}" for r in ok]
-    for ax, key, title in ((axes[0], "step_ms", "step time ms (median)"), (axes[1], "peak_gb", "peak memory GB (weights hatched)")):
-        bars = ax.bar(range(len(ok)), [r.get(key) or 0 for r in ok], color=[colors.get(r["method"], "tab:purple") for r in ok])
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
-        if key == "peak_gb":
-            ax.bar(range(len(ok)), [r.get("weight_gb") or 0 for r in ok], fill=False, hatch="//")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(ok)), labels, fontsize=7, rotation=90)
-    args = report["args"]
-    fig.suptitle(f"QLoRA step, {report['environment']['device']}: Llama-2-7B shape, seq {args['seq']}, LoRA r=16", fontsize=10)
-    fig.tight_layout()
-    out = Path(json_path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plot_panels(
+        json_path, [("step_ms", "training step ms (median)"), ("peak_gb", "peak GPU memory GB (weights hatched)")],
+        label=lambda r: f"{r['method']}\nbatch {r['batch']}", color=lambda r: colors.get(r["method"], "tab:purple"),
+        title="QLoRA step, {device}: Llama-2-7B shape, sequence {seq}, LoRA r=16",
+    )
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -227,14 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
     report = dict(environment=env, args={k: str(v) for k, v in vars(args).items()}, shapes=shapes[MODEL], results=[])
     report["args"]["seq"] = args.seq
     print(f"qlora: {methods} x batch {batches} on {env['device']}; writing {path}", flush=True)
-    write_report(path, report)
+    write_json(path, report, targets)
     finished: dict[str, float] = {}
     for method in [m for m in PLAN if m in methods]:
         method_start = time.monotonic()
         left = args.gpu_budget_s - (method_start - START)
         if estimate_s(method, finished) > left:
             report["results"] += [dict(method=method, batch=b, status="skipped", reason=f"budget: {left:.0f} s left") for b in batches]
-            write_report(path, report)
+            write_json(path, report, targets)
             continue
         model = None
         try:
@@ -263,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                     entry.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-4000:])
             entry.update(elapsed_config_s=time.monotonic() - config_start, elapsed_s=time.monotonic() - START)
             report["results"].append(entry)
-            write_report(path, report)
+            write_json(path, report, targets)
             plot(path)
             print(json.dumps({k: v for k, v in entry.items() if k not in ("trace", "step_ms_all")}), flush=True)
         del model
