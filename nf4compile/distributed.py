@@ -20,6 +20,7 @@ from typing import Union
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nf4compile.serialization import _TENSOR_SUFFIXES, QUANT_STATE_SUFFIX, nf4_from_state_dict, nf4_state_dict_entries
 from nf4compile.tensor import NF4Tensor
@@ -99,6 +100,21 @@ def tensor_parallel_plan(model) -> dict:
     if unknown:
         raise ValueError(f"nf4compile: tensor-parallel styles {unknown} of {type(model).__name__}; only colwise and rowwise are mapped")
     return {f"{model.base_model_prefix}.{pattern}": styles[style]() for pattern, style in plan.items()}
+
+
+class AllGatherBytes(TorchDispatchMode):
+    """Records the bytes each all-gather delivers while active (``with AllGatherBytes() as gathered:``):
+    to check what FSDP2 sends, e.g. that NF4 weights travel as codes and scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and "allgather" in func.name():  # c10d::_allgather_base_(output, input, ...)
+            output = args[0]
+            self.sizes.append(output.numel() * output.element_size())
+        return func(*args, **(kwargs or {}))
 
 
 def read_dcp_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Tensor]:

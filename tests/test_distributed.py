@@ -1,5 +1,6 @@
-"""NF4 weights on torch.distributed: shards (single process), then FSDP2 QLoRA training, DCP checkpoints and
-tensor-parallel compiled decoding on 2 CPU processes with gloo (one spawn for all of them, one compile).
+"""NF4 weights on torch.distributed: shards (single process), then FSDP2 QLoRA training, DCP checkpoints,
+tensor-parallel compiled decoding and bench/distributed.py --small on 2 CPU processes with gloo (one spawn for
+all of them, one Inductor compile).
 
 Tolerances: shards, gathered weights and checkpoints are compared bit for bit. FSDP2 losses against the
 single-process run on the same data: the runs differ only in reduction order (each rank's half batch, the
@@ -9,6 +10,8 @@ order; measured ~1e-6), every greedy token equal.
 """
 
 import copy
+import importlib.util
+import json
 import os
 import socket
 from pathlib import Path
@@ -19,11 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4compile
 from nf4compile import NF4Tensor, to_nf4
-from nf4compile.distributed import read_dcp_checkpoint, tensor_parallel_plan
+from nf4compile.distributed import AllGatherBytes, read_dcp_checkpoint, tensor_parallel_plan
 from nf4compile.sharding import fsdp_post_all_gather, fsdp_pre_all_gather
 
 WORLD = 2
@@ -133,20 +135,6 @@ def _llama(layers: int, dtype, seed: int, lora: bool, quantize: bool = True):
     return model
 
 
-class AllGatherBytes(TorchDispatchMode):
-    """Bytes each all-gather delivers (what FSDP2 sends over the wire), in call order."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "allgather" in func.name():
-            output = args[0]  # c10d::_allgather_base_(Tensor output, Tensor input, ...)
-            self.sizes.append(output.numel() * output.element_size())
-        return func(*args, **(kwargs or {}))
-
-
 def _fsdp_qlora(rank: int, tmp: Path) -> None:
     from torch.distributed.checkpoint import load as dcp_load, save as dcp_save
     from torch.distributed.fsdp import fully_shard
@@ -250,6 +238,7 @@ def _decode_step(model, cache, token, position):
 
 
 def _tensor_parallel(rank: int) -> None:
+    from torch._inductor import config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -266,7 +255,8 @@ def _tensor_parallel(rank: int) -> None:
 
     torch.manual_seed(3)
     prompt = torch.randint(0, LLAMA["vocab_size"], (1, 6))
-    with torch.no_grad(), fresh_cache():
+    # compile_threads=1: each rank compiles in-process (2 ranks on 2 cores; no worker pools to start)
+    with torch.no_grad(), fresh_cache(), inductor_config.patch(compile_threads=1):
         expected = _decode(reference, prompt, 4, _decode_step)
         compiled = torch.compile(_decode_step, fullgraph=True)
         actual, code = run_and_get_code(_decode, model, prompt, 4, compiled)
@@ -277,6 +267,15 @@ def _tensor_parallel(rank: int) -> None:
     assert "torch.ops.nf4compile.dequantize.default(" not in code
 
 
+def _bench_small(tmp: Path) -> None:
+    """bench/distributed.py --small in this process group, so the script the 2-GPU run depends on cannot rot
+    (its decode step traced with the "eager" backend: _tensor_parallel compiled with Inductor already)."""
+    spec = importlib.util.spec_from_file_location("bench_distributed", Path(__file__).parents[1] / "bench" / "distributed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--small", "--compile-backend", "eager", "--out", str(tmp / "bench")])
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -284,6 +283,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     try:
         _fsdp_qlora(rank, Path(tmp))
         _tensor_parallel(rank)
+        _bench_small(Path(tmp))
     finally:
         dist.destroy_process_group()
 
@@ -294,13 +294,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_fsdp_qlora_checkpoint_and_tensor_parallel_on_two_processes(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """One spawn of 2 gloo processes for every check below (their assertions run in the workers)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD)
+    return tmp
 
-    # The sharded checkpoint on one process: the whole entries, and nf4compile.load of them into a skeleton.
-    saved = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    entries = read_dcp_checkpoint(tmp_path / "checkpoint")
+
+@pytest.mark.slow
+def test_fsdp_qlora_checkpoint_read_on_one_process(two_processes):
+    """The sharded checkpoint on one process: the whole entries, and nf4compile.load of them into a skeleton."""
+    saved = torch.load(two_processes / "fsdp.pt", weights_only=True)
+    entries = read_dcp_checkpoint(two_processes / "checkpoint")
     assert entries.keys() == saved["state"].keys()
     for key, value in saved["state"].items():
         if not key.endswith("bitsandbytes__nf4"):  # the JSON is padded in sharded checkpoints
@@ -309,3 +315,22 @@ def test_fsdp_qlora_checkpoint_and_tensor_parallel_on_two_processes(tmp_path):
     nf4compile.load(skeleton, entries)
     with torch.no_grad():
         assert torch.equal(skeleton(input_ids=saved["probe"]).logits, saved["logits"])
+
+
+@pytest.mark.slow
+def test_bench_small_run_writes_every_phase(two_processes):
+    (written,) = (two_processes / "bench").glob("distributed-small-2x-*.json")
+    report = json.loads(written.read_text())
+    assert report["environment"]["world_size"] == 2 and len(report["environment"]["devices"]) == 2
+    assert report["environment"]["date"] and report["environment"]["torch"]
+    results = {r["phase"]: r for r in report["results"]}
+    assert list(results) == ["qlora-fsdp2", "decode-1gpu", "decode-tp"]
+    for phase, r in results.items():
+        assert r["status"] == "ok", (phase, r.get("error"), r.get("trace"))
+        assert [rank["status"] for rank in r["per_rank"]] == ["ok", "ok"]
+    qlora = results["qlora-fsdp2"]
+    assert qlora["step_s"] > 0 and len(qlora["losses"]) == 2
+    assert 0 < qlora["gathered_gb_per_step"] < 0.6 * qlora["bf16_gathered_gb_per_step"]  # NF4 on the wire
+    tp, one = results["decode-tp"], results["decode-1gpu"]
+    assert tp["weight_gb_per_gpu"] < one["weight_gb_per_gpu"]  # the NF4 layers are sharded
+    assert tp["same_tokens_as_1gpu"] == 1.0 and tp["speedup_vs_1gpu"] > 0
