@@ -73,7 +73,7 @@ DYNAMIC_MAP = _signed_dynamic_map()
 
 
 def check_block_size(block_size: int) -> None:
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if type(block_size) is not int or block_size not in SUPPORTED_BLOCK_SIZES:  # 64.0 == 64, True == 1
         raise ValueError(
             f"block_size must be a power of two from 32 to 4096 (bitsandbytes' NF4 format), "
             f"got {block_size!r}"
@@ -90,20 +90,43 @@ def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
 
 
+# Elements quantized per step: the fp32 and index temporaries (~20 bytes an element) stay at ~5 MB
+# whatever the layer's size (what a streamed load needs, bench/stream_memory.py). A multiple of every
+# block size, so blocks never straddle two steps.
+QUANTIZE_CHUNK = 2**18
+
+
 def quantize_nf4(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax NF4 quantization -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks])."""
-    absmax = _blocks(weight.reshape(-1).to(torch.float32), block_size).abs().amax(dim=1)
-    return quantize_nf4_with_scales(weight, absmax, block_size), absmax
+    flat = weight.reshape(-1)
+    packed = torch.empty((flat.numel() + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(num_blocks(flat.numel(), block_size), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), QUANTIZE_CHUNK):
+        chunk = flat[start : start + QUANTIZE_CHUNK]
+        scales = _blocks(chunk.to(torch.float32), block_size).abs().amax(dim=1)
+        absmax[start // block_size : start // block_size + scales.numel()] = scales
+        packed[start // 2 : start // 2 + (chunk.numel() + 1) // 2] = quantize_nf4_with_scales(chunk, scales, block_size)
+    return packed, absmax
 
 
 def nearest_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """NF4 code of each ``value / scale`` by bitsandbytes' rule (``scales`` broadcasts against
     ``values``). Any scale is valid in the format: bitsandbytes only ever multiplies the code by it."""
-    # A zero scale (an all-zero block) must give code 7 (0.0), not 0 * inf = NaN.
-    inv = torch.where(scales == 0, 0.0, 1.0 / scales)
-    scaled = (values * inv).clamp_(-1, 1)
+    scaled = _scale(values, scales).clamp_(-1, 1)
     # bucketize(right=False) sends a value equal to a midpoint to the lower code, as bitsandbytes does.
     return torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).to(torch.uint8)
+
+
+def _scale(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``values * (1 / scales)`` in fp32, bitsandbytes' rounding. A zero scale (an all-zero block)
+    gives 0, not 0 * inf = NaN; a subnormal scale, whose inverse overflows to inf, divides instead
+    (bitsandbytes' own codes are erratic there: it has no exact result to match)."""
+    inv = 1.0 / scales
+    overflow = torch.isinf(inv)
+    scaled = values * torch.where(overflow, 0.0, inv)
+    if overflow.any():
+        scaled = torch.where(overflow & (scales != 0), values / scales, scaled)
+    return scaled
 
 
 def quantize_nf4_with_scales(weight: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -168,8 +191,7 @@ def quantize_blockwise_dynamic(
     flat = x.reshape(-1).to(torch.float32)
     blocks = _blocks(flat, block_size)
     absmax = blocks.abs().amax(dim=1)
-    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)
-    scaled = (blocks * inv[:, None]).clamp(-1, 1)
+    scaled = _scale(blocks, absmax[:, None]).clamp(-1, 1)
     # fp32 (t * 65535 + 0.5) truncated: the same index as the kernel's fused multiply-add for every
     # fp32 t in [0, 1] (checked exhaustively).
     grid_index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).long()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -79,48 +78,46 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _read_folder_weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        raise ValueError(f"{folder}: no model.safetensors (nor a sharded model.safetensors.index.json)")
-    tensors: dict = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        tensors.update(load_file(folder / shard))
-    return tensors
-
-
-def from_pretrained(model_dir: PathLike, *, device=None, keep_sensitive: bool = True) -> nn.Module:
+def from_pretrained(
+    model_dir: PathLike, *, device=None, keep_sensitive: bool = True, config: Optional[NF4Config] = None
+) -> nn.Module:
     """Load a local transformers/bitsandbytes 4-bit folder (``config.json`` with a ``quantization_config``
-    of ``load_in_4bit``, nf4, with or without double quant, + ``model.safetensors``) as an nf4compile model.
+    of ``load_in_4bit``, nf4, with or without double quant, + ``model.safetensors`` or shards) as an
+    nf4compile model; or, given ``config`` (an ``NF4Config``), a dense folder, quantized while it loads.
 
     The model is built from the config with its parameters on the meta device (no memory, no init), then
-    ``nf4compile.load`` assigns the checkpoint: NF4 weights become NF4Tensors bit for bit (no re-quantizing),
-    the rest is taken as stored. Local folders only; no hub access.
+    ``nf4compile.load`` streams the checkpoint into it one tensor at a time, straight to ``device``: NF4
+    weights become NF4Tensors bit for bit (no re-quantizing), dense Linear weights are quantized as read
+    when ``config`` is given, the rest is taken as stored. Peak memory is about the NF4 model plus one
+    dense tensor. Local folders only; no hub access.
     """
     import transformers
 
     folder = Path(model_dir)
     if not folder.is_dir():
         raise ValueError(f"{model_dir}: not a directory (nf4compile.from_pretrained reads local folders only)")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    quant = getattr(config, "quantization_config", None)
+    model_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    quant = getattr(model_config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant or {})
-    if not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
-        raise ValueError(f"{folder}: config.json has no bitsandbytes load_in_4bit quantization_config ({quant or 'none'})")
-    if quant.get("bnb_4bit_quant_type") != "nf4":
+    if config is not None:
+        if quant:
+            raise ValueError(f"{folder}: already quantized ({quant.get('quant_method')}); load it without config=")
+    elif not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
+        raise ValueError(
+            f"{folder}: config.json has no bitsandbytes load_in_4bit quantization_config ({quant or 'none'}); "
+            "pass config=NF4Config() to quantize a dense folder while loading it"
+        )
+    elif quant.get("bnb_4bit_quant_type") != "nf4":
         raise ValueError(f"{folder}: bnb_4bit_quant_type is {quant.get('bnb_4bit_quant_type')!r}; nf4compile reads NF4 only")
-    architecture = (getattr(config, "architectures", None) or [None])[0]
+    architecture = (getattr(model_config, "architectures", None) or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     with _parameters_on_meta():
         if model_class is not None:
-            model = model_class(config)
+            model = model_class(model_config)
         else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    load(model, _read_folder_weights(folder), keep_sensitive=keep_sensitive)
+            model = transformers.AutoModelForCausalLM.from_config(model_config)
+    load(model, folder, keep_sensitive=keep_sensitive, config=config, device=device)
+    # The non-persistent buffers (rotary inv_freq) were built on the CPU; everything else is in place.
     return model.to(device).eval() if device is not None else model.eval()
 
 

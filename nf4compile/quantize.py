@@ -76,7 +76,7 @@ class NF4Config(AOBaseConfig):
         return self.scale_search or self.method == "gptq" or self.keep_budget > 0
 
 
-def _skip_reason(
+def skip_reason(
     name: str,
     module: nn.Module,
     config: NF4Config,
@@ -132,7 +132,7 @@ def quantize(
     skipped: dict[str, str] = {}
     todo: list[tuple[str, nn.Module]] = []
     for name, module in quantizable_layers(model):
-        reason = _skip_reason(name, module, config, sensitive, filter_fn)
+        reason = skip_reason(name, module, config, sensitive, filter_fn)
         if reason is None:
             todo.append((name, module))
         else:

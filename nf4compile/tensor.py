@@ -282,10 +282,13 @@ def _fused_linear(x: Tensor, w: NF4Tensor, bias: Optional[Tensor]) -> Tensor:
     """x @ w (w as this tensor presents itself) + bias, by the fused op."""
     _check_activation(x, w)
     out_features, in_features = w.quant_shape
-    return torch.ops.nf4compile.linear(
+    # The op folds a bias vector; a broadcast one (addmm's [M, N] input, say) is added afterwards.
+    folded = bias if bias is None or bias.dim() == 1 else None
+    out = torch.ops.nf4compile.linear(
         x, w.packed, w.absmax, w.nested_absmax, w.offset, w.block_size, out_features, in_features,
-        bias, not w.transposed,
+        folded, not w.transposed,
     )
+    return out if bias is None or folded is not None else out + bias
 
 
 @implements([aten.mm.default, aten.addmm.default, aten.linear.default, aten.matmul.default])

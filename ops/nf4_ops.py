@@ -35,6 +35,10 @@ def check_scales(
         packed.numel() == (numel + 1) // 2,
         lambda: f"NF4 packed codes hold {packed.numel()} bytes, expected {(numel + 1) // 2} for {numel} elements",
     )
+    torch._check_value(
+        absmax.device == packed.device,
+        lambda: f"NF4 absmax is on {absmax.device} but the packed codes are on {packed.device}",
+    )
     blocks = nf4_format.num_blocks(numel, block_size)
     torch._check(
         absmax.numel() == blocks,
@@ -45,6 +49,10 @@ def check_scales(
         torch._check(absmax.dtype == torch.float32, lambda: f"NF4 absmax must be float32, got {absmax.dtype}")
         return
     torch._check(offset is not None, lambda: "double-quantized NF4 needs an offset")
+    torch._check_value(
+        nested_absmax.device == offset.device == packed.device,
+        lambda: f"NF4 nested_absmax and offset are on {nested_absmax.device} and {offset.device}, the codes on {packed.device}",
+    )
     torch._check(absmax.dtype == torch.uint8, lambda: f"double-quantized absmax must be uint8, got {absmax.dtype}")
     nested = nf4_format.num_blocks(blocks, nf4_format.NESTED_BLOCK_SIZE)
     torch._check(
@@ -106,6 +114,9 @@ def _(packed, absmax, nested_absmax, offset, block_size, shape, dtype):
 # linear -----------------------------------------------------------------------------------------
 
 
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def linear_output_shape(x: Tensor, out_features, in_features, x_at_w: bool) -> tuple:
     """``x @ W.T`` takes [..., in] to [..., out]; ``x @ W`` (x_at_w) takes [..., out] to [..., in]."""
     reduce_dim, out_dim = (out_features, in_features) if x_at_w else (in_features, out_features)
@@ -116,6 +127,28 @@ def linear_output_shape(x: Tensor, out_features, in_features, x_at_w: bool) -> t
         + (" used as x @ W" if x_at_w else ""),
     )
     return (*x.shape[:-1], out_dim)
+
+
+def check_linear_args(x: Tensor, packed: Tensor, bias: Optional[Tensor], out_features, in_features, x_at_w: bool) -> tuple:
+    """Refuse activations and biases that no kernel can take (a kernel would read a wrong-sized bias
+    out of bounds, or a CPU pointer from the GPU), with a message; returns the output shape."""
+    torch._check_type(
+        x.dtype in ACTIVATION_DTYPES,
+        lambda: f"NF4 linear: the input is {x.dtype}; it must be float16, bfloat16, float32 or float64",
+    )
+    shape = linear_output_shape(x, out_features, in_features, x_at_w)
+    torch._check_value(
+        x.device == packed.device, lambda: f"NF4 linear: the input is on {x.device} but the NF4 weight is on {packed.device}"
+    )
+    if bias is not None:
+        torch._check_value(
+            bias.dim() == 1 and bias.shape[0] == shape[-1] and bias.dtype in ACTIVATION_DTYPES,
+            lambda: f"NF4 linear: the bias must be a float vector of {shape[-1]} elements, got {bias.dtype} {list(bias.shape)}",
+        )
+        torch._check_value(
+            bias.device == x.device, lambda: f"NF4 linear: the bias is on {bias.device} but the input is on {x.device}"
+        )
+    return shape
 
 
 @torch.library.custom_op("nf4compile::linear", mutates_args=())
@@ -136,7 +169,7 @@ def linear(
     The plain-PyTorch path dequantizes to the activation dtype and calls the dense matmul, which is
     also what a traced graph computes before the passes fuse it.
     """
-    linear_output_shape(x, out_features, in_features, x_at_w)
+    check_linear_args(x, packed, bias, out_features, in_features, x_at_w)
     weight = dequantize(packed, absmax, nested_absmax, offset, block_size, [out_features, in_features], x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     if x_at_w:
@@ -148,7 +181,7 @@ def linear(
 @linear.register_fake
 def _(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None, x_at_w=False):
     check_scales(packed, absmax, nested_absmax, offset, block_size, out_features * in_features)
-    return x.new_empty(linear_output_shape(x, out_features, in_features, x_at_w))
+    return x.new_empty(check_linear_args(x, packed, bias, out_features, in_features, x_at_w))
 
 
 def _linear_setup_context(ctx, inputs, output):

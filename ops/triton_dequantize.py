@@ -38,9 +38,15 @@ def well_formed(packed, absmax, nested_absmax, offset, block_size, numel) -> boo
         return False
     if packed.dtype != torch.uint8 or (offset is None) != (nested_absmax is None):
         return False
+    device = packed.device  # a kernel given a tensor on another device would read a wrong pointer
+    if absmax.device != device:
+        return False
     if nested_absmax is None:
         return absmax.dtype == torch.float32
-    return absmax.dtype == torch.uint8 and nested_absmax.numel() == -(-n_blocks // 256)
+    return (
+        absmax.dtype == torch.uint8 and nested_absmax.numel() == -(-n_blocks // 256)
+        and nested_absmax.device == device and offset.device == device
+    )
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from nf4compile.ops.nf4_ops import check_scales, linear, linear_output_shape
+from nf4compile.ops.nf4_ops import ACTIVATION_DTYPES, check_linear_args, check_scales, linear
 from nf4compile.ops.triton_dequantize import (
     lane_codebook, load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, shuffle_lookup, well_formed,
 )
@@ -50,6 +51,10 @@ TUNED_CONFIGS = Path(__file__).with_name("tuned_configs_h100.json")
 # covers the shape.
 GEMV_MAX_M = 1
 MM_MAX_M = 256
+# CUDA's limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1), and the largest element offset the
+# kernels compute in int32 (activation and output rows; weight offsets are int64).
+MAX_GRID_YZ = 65535
+MAX_INT32_OFFSET = 2**31 - 1
 
 
 @triton.jit
@@ -395,19 +400,24 @@ def run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, 
 
 
 _PLANS: dict[tuple, dict] = {}
-_SHIPPED: Optional[dict[tuple, dict]] = None
+_SHIPPED: dict[str, dict[tuple, dict]] = {}
+# Choosing a plan (reading the shipped file, tuning) happens once per key, under this lock: two
+# threads tuning at once would time each other's kernels. Cached plans are read without it.
+_PLAN_LOCK = threading.Lock()
+DEQUANT_PLAN = {"path": "dequant"}
 
 
 def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
     """Plans tuned on an H100 by bench/kernels.py --tune, used on H100s only."""
-    global _SHIPPED
-    if _SHIPPED is None:
-        _SHIPPED = {}
-        if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) and TUNED_CONFIGS.exists():
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if name not in _SHIPPED:
+        plans = {}
+        if "H100" in name and TUNED_CONFIGS.exists():
             for entry in json.loads(TUNED_CONFIGS.read_text())["plans"]:
                 key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])
-                _SHIPPED[key] = {k: entry[k] for k in ("path", "config") if k in entry}
-    return _SHIPPED
+                plans[key] = {k: entry[k] for k in ("path", "config") if k in entry}
+        _SHIPPED[name] = plans
+    return _SHIPPED[name]
 
 
 def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
@@ -448,17 +458,43 @@ def plan_for(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    if K % block_size or x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        plan = {"path": "dequant"}
-    else:
-        plan = _nearest_shipped(key[:4], M, x2.dtype, x2.device)
-    if plan is None:
-        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-        if os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET:
-            return tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
-        plan = default_plan(M, N, K, x_at_w, x2.dtype, x2.device)
-    _PLANS[key] = plan
+    with _PLAN_LOCK:
+        plan = _PLANS.get(key)  # another thread may have chosen it while this one waited
+        if plan is not None:
+            return plan
+        if K % block_size or x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            plan = DEQUANT_PLAN
+        else:
+            plan = _nearest_shipped(key[:4], M, x2.dtype, x2.device)
+        if plan is None:
+            capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+            if os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET:
+                return tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
+            plan = default_plan(M, N, K, x_at_w, x2.dtype, x2.device)
+        _PLANS[key] = plan
     return plan
+
+
+def kernel_can_serve(plan: dict, x2: torch.Tensor, N: int, K: int, block_size: int, x_at_w: bool) -> bool:
+    """Whether ``plan``'s fused kernel computes ``x2 @ W.T`` (or ``x2 @ W``) correctly. A plan is
+    chosen per M bucket (the last holds every M > 2048) and may be forced, so this is checked per
+    call: the fused kernels need whole quantization blocks per weight row, 16-bit activations for
+    tl.dot, grid axes 1 and 2 within CUDA's limit and row offsets within int32; otherwise the
+    dequantize path serves the call."""
+    if plan["path"] == "dequant":
+        return True
+    M = x2.shape[0]
+    if K % block_size:
+        return False
+    if plan["path"] == "gemv":
+        return not x_at_w and M <= GEMV_MAX_M and x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    out_dim = K if x_at_w else N
+    return (
+        x2.dtype in _TL_DTYPES
+        and -(-out_dim // plan["config"]["BLOCK_OUT"]) <= MAX_GRID_YZ
+        and plan["config"]["SPLIT_K"] <= MAX_GRID_YZ
+        and M * max(x2.stride(0), out_dim) <= MAX_INT32_OFFSET
+    )
 
 
 def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None,
@@ -466,8 +502,11 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_feature
     """``nf4compile.linear`` on CUDA tensors (any tensors under TRITON_INTERPRET=1); ``plan`` forces a path."""
     N, K = out_features, in_features
     red, out_dim = (N, K) if x_at_w else (K, N)
-    if x.dim() == 0 or x.shape[-1] != red:
-        linear_output_shape(x, N, K, x_at_w)  # raises
+    if (
+        x.dim() == 0 or x.shape[-1] != red or x.dtype not in ACTIVATION_DTYPES or x.device != packed.device
+        or (bias is not None and (bias.shape != (out_dim,) or bias.device != x.device or bias.dtype not in ACTIVATION_DTYPES))
+    ):
+        check_linear_args(x, packed, bias, N, K, x_at_w)  # raises
     if not well_formed(packed, absmax, nested_absmax, offset, block_size, N * K):
         check_scales(packed, absmax, nested_absmax, offset, block_size, N * K)
     out_shape = (*x.shape[:-1], out_dim)
@@ -482,9 +521,9 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_feature
         packed, absmax = packed.reshape(-1), absmax.reshape(-1)
     args = (x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
     plan = plan or plan_for(*args)
-    # The fused kernels read the codes as 32-bit words; the gemv kernel serves one row of x @ W.T.
-    if packed.data_ptr() % 4 or (plan["path"] == "gemv" and (x_at_w or x2.shape[0] > GEMV_MAX_M)):
-        plan = {"path": "dequant"}
+    # The fused kernels read the codes as 32-bit words: codes at an unaligned address are dequantized.
+    if packed.data_ptr() % 4 or not kernel_can_serve(plan, x2, N, K, block_size, x_at_w):
+        plan = DEQUANT_PLAN
     out = run_plan(plan, *args)
     return out if x.dim() == 2 else out.view(out_shape)
 

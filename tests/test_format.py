@@ -71,7 +71,7 @@ def test_double_quantization_matches_bitsandbytes(n_blocks):
     assert torch.equal(rebuilt, bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
 
 
-@pytest.mark.parametrize("bad", [0, 16, 48, 100, 8192, -64])
+@pytest.mark.parametrize("bad", [0, 16, 48, 100, 8192, -64, 64.0, "64", True])  # 64.0 == 64, True == 1
 def test_unsupported_block_sizes_are_refused(bad):
     with pytest.raises(ValueError, match="power of two from 32 to 4096"):
         nf4_format.check_block_size(bad)

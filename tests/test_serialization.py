@@ -12,7 +12,7 @@ from torch import nn
 import nf4compile
 from nf4compile import CheckpointError, NF4Config, NF4Tensor
 
-from helpers import TinyLM, assert_unchanged, quantized_names, state
+from helpers import TinyLM, assert_refused_unchanged, quantized_names
 
 
 def quantized_tinylm(double_quant=True, block_size=64):
@@ -175,29 +175,70 @@ def corrupt_cases():
 
 
 @pytest.mark.parametrize("corrupt, message", corrupt_cases())
-def test_corrupt_checkpoints_give_a_clear_error_and_leave_the_skeleton_unchanged(corrupt, message):
+@pytest.mark.parametrize("target", ["dense", "quantized"])
+def test_corrupt_checkpoints_give_a_clear_error_and_leave_the_skeleton_unchanged(corrupt, message, target):
     sd = quantized_tinylm().state_dict()
     corrupt(sd)
-    skeleton = TinyLM().bfloat16()
-    before = state(skeleton)
-    with pytest.raises(CheckpointError, match=message):
-        nf4compile.load(skeleton, sd)
-    assert_unchanged(skeleton, before)
+    skeleton = TinyLM().bfloat16() if target == "dense" else quantized_tinylm(block_size=128)
+    assert_refused_unchanged(skeleton, CheckpointError, message, lambda: nf4compile.load(skeleton, sd))
 
 
-def test_truncated_file_and_wrong_architecture(tmp_path):
-    path = tmp_path / "model.safetensors"
+def test_a_good_checkpoint_replaces_the_nf4_weights_of_a_quantized_model():
+    source = quantized_tinylm(block_size=128)
+    target = nf4compile.load(quantized_tinylm(), source.state_dict())
+    assert target.up.weight.block_size == 128
+    assert torch.equal(target.up.weight.dequantize(), source.up.weight.dequantize())
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[: len(data) // 2], "truncated.safetensors: not a readable safetensors file"),
+        (lambda data: data[:-100], r"lies outside the file \(truncated\?\)"),
+        (lambda data: data[:4], "not a readable safetensors file"),
+        (lambda data: (10**9).to_bytes(8, "little") + data[8:], "header of 1000000000 bytes in a file of"),
+        (lambda data: data[:8] + b"{" * 8 + data[16:], "not a readable safetensors file"),
+    ],
+    ids=["half", "last-tensor-cut", "four-bytes", "huge-header", "bad-json"],
+)
+def test_damaged_files_are_refused_from_the_header(tmp_path, damage, message):
+    path = tmp_path / "truncated.safetensors"
     nf4compile.save(quantized_tinylm(), path)
-    data = path.read_bytes()
-    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    path.write_bytes(damage(path.read_bytes()))
     skeleton = TinyLM().bfloat16()
-    before = state(skeleton)
-    with pytest.raises(CheckpointError, match="truncated.safetensors: not a readable safetensors file"):
-        nf4compile.load(skeleton, tmp_path / "truncated.safetensors")
-    other = TinyLM(dim=32).bfloat16()
-    with pytest.raises(CheckpointError, match="shape"):
-        nf4compile.load(other, path)
-    assert_unchanged(skeleton, before)
+    assert_refused_unchanged(skeleton, CheckpointError, message, lambda: nf4compile.load(skeleton, path))
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (lambda: TinyLM(dim=32).bfloat16(), r"down\.weight: shape \[64, 96\] in the checkpoint, \[32, 96\] in the model"),
+        (lambda: nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64)).bfloat16(),
+         r"unexpected keys for this model: \['down\.weight', 'embed\.weight'"),
+    ],
+    ids=["other-sizes", "other-modules"],
+)
+def test_wrong_architecture(tmp_path, other, message):
+    nf4compile.save(quantized_tinylm(), tmp_path / "model.safetensors")
+    model = other()
+    assert_refused_unchanged(model, CheckpointError, message, lambda: nf4compile.load(model, tmp_path / "model.safetensors"))
+
+
+def test_sharded_folders_and_indexes_that_lie(tmp_path):
+    tensors = TinyLM().bfloat16().state_dict()
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:3]}, tmp_path / "a.safetensors")
+    save_file({n: tensors[n] for n in names[3:]}, tmp_path / "b.safetensors")
+    index = {"weight_map": {**{n: "a.safetensors" for n in names[:3]}, **{n: "b.safetensors" for n in names[3:]}}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = nf4compile.load(TinyLM().bfloat16(), tmp_path)  # a folder of shards
+    assert torch.equal(model.up.weight, tensors["up.weight"])
+    for shard, message in [("b.safetensors", f"{names[0]} is not in b.safetensors"),
+                           ("gone.safetensors", "gone.safetensors: not a readable safetensors file")]:
+        index["weight_map"][names[0]] = shard
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+        skeleton = TinyLM().bfloat16()
+        assert_refused_unchanged(skeleton, CheckpointError, message, lambda: nf4compile.load(skeleton, tmp_path))
 
 
 def test_fp4_checkpoints_are_refused():

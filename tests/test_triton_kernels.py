@@ -17,10 +17,7 @@ output rounding alone gives ~2e-3; any indexing or scale error gives O(1)); fp32
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +26,8 @@ pytest.importorskip("triton")
 
 from nf4compile import format as nf4_format  # noqa: E402
 from nf4compile.ops import triton_dequantize, triton_linear  # noqa: E402
+
+from helpers import rel_err, run_under_interpreter  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = triton_linear.INTERPRET
@@ -45,13 +44,7 @@ def _kernels_run_here(request):
 def test_under_interpreter():
     if CUDA or INTERPRETED:
         pytest.skip("the kernels run in this process")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=900,
-    )
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+    run_under_interpreter(__file__)
 
 
 def make_weight(N, K, block_size, double_quant, device=DEVICE):
@@ -64,11 +57,6 @@ def make_weight(N, K, block_size, double_quant, device=DEVICE):
     scales = absmax if nested is None else nf4_format.dequantize_absmax(absmax, nested, offset)
     w64 = nf4_format.dequantize_nf4(packed, scales, block_size, (N, K), torch.float64)
     return (packed, absmax, nested, offset), w64
-
-
-def rel_err(out, ref):
-    assert not out.isnan().any(), "NaN in output (unwritten or poisoned element)"
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 # dequantize -------------------------------------------------------------------------------------
