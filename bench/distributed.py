@@ -6,8 +6,9 @@
 Random weights (no downloads), every Linear but lm_head in NF4 (block 64, double quant), bf16 compute.
 
 qlora-fsdp2: Llama-70B shape (80 layers unless --layers), peft LoRA r=16 alpha=32 on q/k/v/o/gate/up/down
-(fp32 adapters), every decoder layer and the root ``fully_shard``ed (FSDP2 over all ranks: each GPU holds
-1/N of the NF4 codes and scales and all-gathers them as NF4), activation checkpointing per decoder layer
+(fp32 adapters), every decoder layer ``fully_shard``ed as soon as it is quantized, then the root (FSDP2 over
+all ranks: each GPU holds 1/N of the NF4 codes and scales and all-gathers them as NF4; the whole NF4 model
+never sits on one GPU, the recipe for models that would not fit), activation checkpointing per decoder layer
 (HF's, non-reentrant; --no-checkpointing turns it off), a different random batch of --batch x --seq tokens
 per rank, AdamW. Eager. A step: forward with labels, backward, optimizer step, zero_grad. Reported: median
 step time over --steps after --warmup, tokens/s per GPU, weight memory and peak memory per GPU
@@ -59,9 +60,11 @@ PHASES = ["qlora-fsdp2", "decode-1gpu", "decode-tp"]
 # --- model -----------------------------------------------------------------------------------------
 
 
-def build_nf4_llama(shapes: dict, layers: int, device) -> nn.Module:
-    """Llama of ``shapes`` with ``layers`` decoder layers, NF4, built one layer at a time on ``device`` (the
-    dense bf16 model never exists whole: 70B would not fit). Same seeds on every rank, so same weights."""
+def build_nf4_llama(shapes: dict, layers: int, device, prepare_layer=None) -> nn.Module:
+    """Llama of ``shapes`` with ``layers`` decoder layers, NF4, built one layer at a time on ``device``: each
+    layer is materialized, quantized and handed to ``prepare_layer`` (adapters, its FSDP2 shard) before the
+    next, so neither the dense model nor, when sharded, the whole NF4 model ever sits on one GPU. Same seeds
+    on every rank, so same weights."""
     import nf4compile
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -77,8 +80,10 @@ def build_nf4_llama(shapes: dict, layers: int, device) -> nn.Module:
             for name, param in part.named_parameters():
                 is_norm = "norm" in name or part is model.model.norm
                 param.fill_(1.0) if is_norm else param.normal_(0.0, 0.02)
-        if seed >= 3:  # a decoder layer: quantized before the next one is materialized
+        if seed >= 3:  # a decoder layer
             nf4compile.quantize(part)
+            if prepare_layer is not None:
+                prepare_layer(part)
     with torch.device(device):  # the rotary embedding's buffers are computed, not initialized
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.eval()
@@ -108,20 +113,29 @@ def bf16_gathered_bytes(model: nn.Module, layers) -> int:
 
 
 def qlora_fsdp2(args, shapes: dict, device) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, inject_adapter_in_model
     from torch.distributed.fsdp import fully_shard
 
     from nf4compile.distributed import AllGatherBytes
 
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES)
+
+    def prepare_layer(layer: nn.Module) -> None:  # peft's adapters (fp32, as get_peft_model makes them), then the shard
+        layer.requires_grad_(False)
+        inject_adapter_in_model(lora, layer)
+        for name, module in layer.named_modules():
+            if name.endswith(("lora_A", "lora_B")):
+                module.float()
+        fully_shard(layer)
+
     layers = args.layers or shapes["num_hidden_layers"]
-    model = build_nf4_llama(shapes, layers, device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES))
+    model = build_nf4_llama(shapes, layers, device, prepare_layer)
+    for frozen in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        frozen.requires_grad_(False)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    layer_list = model.base_model.model.model.layers
-    for layer in layer_list:
-        fully_shard(layer)
+    layer_list = model.model.layers
     fully_shard(model)
     weight_gb = weight_bytes_per_gpu(model) / 1e9
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
