@@ -208,6 +208,11 @@ def _new_zeros(func, args, kwargs):
     """An all-zero NF4 weight of ``size`` laid out like a shard of this one (FSDP2's padded shard buffer)."""
     arguments = _named(func, args, kwargs)
     t, size = arguments["input"], torch.Size(arguments["size"])
+    if t.transposed:
+        raise NotImplementedError(
+            f"nf4compile: FSDP2 cannot shard {t!r}: a transposed NF4 weight (a transformers Conv1D) is sharded "
+            "along the columns of its quantized data, which all-gather cannot concatenate"
+        )
     if arguments["dtype"] not in (None, t.dtype) or len(size) not in (1, 2) or size.numel() % t.block_size:
         raise NotImplementedError(
             f"nf4compile: new_zeros({list(size)}, dtype={arguments['dtype']}) of {t!r}: only NF4 buffers of "
@@ -252,12 +257,8 @@ def _scatter(func, args, kwargs):
 
 
 def fsdp_pre_all_gather(t: NF4Tensor, outer_size: torch.Size):
-    """What FSDP2 all-gathers for a shard: its codes and scales; the rest travels as metadata."""
-    if t.transposed:
-        raise NotImplementedError(
-            f"nf4compile: FSDP2 cannot all-gather {t!r}: a transposed NF4 weight (a transformers Conv1D) is "
-            "sharded along the columns of its quantized data, which all-gather cannot concatenate"
-        )
+    """What FSDP2 all-gathers for a shard: its codes and scales; the rest travels as metadata. (A transposed
+    weight never gets here: FSDP2's ``new_zeros`` of it raises.)"""
     inputs = (t.packed, t.absmax) + ((t.nested_absmax,) if t.double_quant else ())
     return inputs, (t.block_size, torch.Size(outer_size), t.offset)
 

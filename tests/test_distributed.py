@@ -4,9 +4,9 @@ all of them, one Inductor compile).
 
 Tolerances: shards, gathered weights and checkpoints are compared bit for bit. FSDP2 losses against the
 single-process run on the same data: the runs differ only in reduction order (each rank's half batch, the
-gradient average), in bf16 compute: |delta loss| <= 2e-2 (measured <= 1e-3 over 4 steps). Tensor parallel in
+gradient average), in bf16 compute: |delta loss| <= 5e-3 (measured 2.8e-4 over 4 steps). Tensor parallel in
 fp32: logits within 1e-4 of the single-process model (row-wise shards sum partial products in another
-order; measured ~1e-6), every greedy token equal.
+order; measured 4e-7), every greedy token equal.
 """
 
 import copy
@@ -95,6 +95,8 @@ def test_views_and_buffers_that_fsdp_makes_stay_nf4():
     shard = torch.chunk(whole, 2)[1]
     buffer.narrow(0, 0, 64).copy_(shard)
     assert torch.equal(buffer.dequantize(), whole.dequantize()[64:])
+    with pytest.raises(NotImplementedError, match=r"FSDP2 cannot shard .*transposed NF4 weight \(a transformers Conv1D\)"):
+        whole.t().new_zeros((128, 128))
 
     assert isinstance(whole[32:96], NF4Tensor) and torch.equal(whole[32:96].dequantize(), whole.dequantize()[32:96])
     unaligned = whole[:, :10]  # not whole blocks: the dense result, as for any other reshaping op
@@ -182,7 +184,7 @@ def _fsdp_qlora(rank: int, tmp: Path) -> None:
             dense_bytes = sum(p.numel() * 2 for p in layer.parameters())
             assert gathered.sizes.count(layer_bytes) == 2 * len(layers), (gathered.sizes, layer_bytes)
             assert layer_bytes < 0.35 * dense_bytes
-    assert max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 2e-2, (losses, reference_losses)
+    assert max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 5e-3, (losses, reference_losses)
     assert losses[-1] < losses[0] - 0.1, losses  # the adapters learned
 
     # A sharded checkpoint: bitsandbytes' entries as DTensors; then the whole of it on rank 0 for the main process.
