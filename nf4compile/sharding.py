@@ -49,14 +49,15 @@ def _resolved_scales(t: NF4Tensor) -> Tensor:
     return nf4_format.dequantize_absmax(t.absmax, t.nested_absmax, t.offset)
 
 
-def _scales(t: NF4Tensor, first: int, last: int, keep_groups: bool) -> dict:
-    """Scales of blocks [first, last) as NF4Tensor keyword arguments (views where possible)."""
+def _scales(t: NF4Tensor, first: int, last: int, resolved: Optional[Tensor]) -> dict:
+    """Scales of blocks [first, last) as NF4Tensor keyword arguments: views of ``t``'s, or of ``resolved``
+    (its fp32 scales) when double-quantized groups are cut."""
+    if resolved is not None:
+        return dict(absmax=resolved[first:last])
     if not t.double_quant:
         return dict(absmax=t.absmax[first:last])
-    if keep_groups:
-        nested = t.nested_absmax[first // GROUP : math.ceil(last / GROUP)]
-        return dict(absmax=t.absmax[first:last], nested_absmax=nested, offset=t.offset)
-    return dict(absmax=_resolved_scales(t)[first:last])
+    nested = t.nested_absmax[first // GROUP : math.ceil(last / GROUP)]
+    return dict(absmax=t.absmax[first:last], nested_absmax=nested, offset=t.offset)
 
 
 # --- ranges of the quantized data -----------------------------------------------------------------
@@ -86,14 +87,14 @@ def _flat_ranges(t: NF4Tensor, bounds: list[int]) -> list[NF4Tensor]:
     """Shards of consecutive element ranges [bounds[i], bounds[i+1]) (whole rows when 2-D): views of this
     tensor's codes and scales."""
     block_bounds = [math.ceil(b / t.block_size) for b in bounds]
-    keep_groups = _groups_aligned(t, block_bounds)
+    resolved = _resolved_scales(t) if t.double_quant and not _groups_aligned(t, block_bounds) else None
     shards = []
     for start, stop, first, last in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
         shape = (stop - start,) if t.dim() == 1 else ((stop - start) // t.quant_shape[1], t.quant_shape[1])
         shards.append(
             NF4Tensor(
                 packed=t.packed[start // 2 : (stop + 1) // 2], block_size=t.block_size, quant_shape=shape,
-                dtype=t.dtype, transposed=t.transposed, **_scales(t, first, last, keep_groups),
+                dtype=t.dtype, transposed=t.transposed, **_scales(t, first, last, resolved),
             )
         )
     return shards
@@ -248,7 +249,8 @@ def _scatter(func, args, kwargs):
     work = None
     for name in output.__tensor_flatten__()[0]:
         inputs = [[getattr(t, name) for t in sources[0]]] if sources else []
-        _, work = func([getattr(output, name)], inputs, *list(arguments.values())[2:])
+        _, work = func([getattr(output, name)], inputs, arguments["process_group"], arguments["root_rank"],
+                       arguments["async_op"], arguments["timeout"])
         work.wait()
     return [output], work
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import nf4compile
 from nf4compile import NF4Tensor, to_nf4
@@ -245,9 +245,19 @@ def _tensor_parallel(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
+    # distribute_tensor scatters rank 0's shards (src_data_rank=0, the parallel styles' default)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(10 + rank)
+    mine = to_nf4(torch.randn(128, 256))
+    torch.manual_seed(10)
+    rank0 = to_nf4(torch.randn(128, 256)).dequantize()
+    for dim in (0, 1):
+        local = distribute_tensor(mine, mesh, [Shard(dim)]).to_local()
+        assert isinstance(local, NF4Tensor) and torch.equal(local.dequantize(), rank0.chunk(WORLD, dim)[rank]), dim
+
     model = _llama(1, torch.float32, seed=2, lora=False).eval()
     reference = copy.deepcopy(model)
-    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), tensor_parallel_plan(model))
+    parallelize_module(model, mesh, tensor_parallel_plan(model))
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         weight = model.model.layers[0].get_submodule(name).weight
         whole = reference.model.layers[0].get_submodule(name).weight.dequantize()
