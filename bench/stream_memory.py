@@ -41,7 +41,7 @@ def _llama_config(shape: str):
     hidden, intermediate, layers, heads, kv_heads, vocab = SHAPES[shape]
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=256, torch_dtype=torch.bfloat16)
+                       max_position_embeddings=256)
 
 
 def skeleton(shape: str):
@@ -149,7 +149,7 @@ def measure_cuda(shape: str) -> dict:
     before = torch.cuda.memory_allocated()
     dense = skeleton(shape)
     dense.load_state_dict({k: v.cuda() for k, v in state.items()}, assign=True)
-    nf4compile.quantize(dense)
+    nf4compile.quantize(dense, show_progress=False)
     torch.cuda.synchronize()
     whole_peak = torch.cuda.max_memory_allocated() - before
     return {

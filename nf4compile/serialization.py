@@ -204,14 +204,23 @@ class _SafetensorsFile:
 
 class Checkpoint:
     """The tensors of a checkpoint by name, each read only when asked for: a state dict, a
-    safetensors file, or a folder (``model.safetensors`` or the shards of its index JSON)."""
+    safetensors file, or a folder (``model.safetensors`` or the shards of its index JSON); a
+    torch.distributed.checkpoint folder (a sharded save) is read whole, on the CPU."""
 
     def __init__(self, source: Union[str, os.PathLike, Mapping[str, Tensor]]):
         self._tensors: Mapping[str, Tensor] = {}
         self._files: dict[str, _SafetensorsFile] = {}
+        if not isinstance(source, Mapping) and os.path.isfile(os.path.join(os.fspath(source), ".metadata")):
+            from nf4compile.distributed import read_dcp_checkpoint
+
+            source = read_dcp_checkpoint(source)
         if isinstance(source, Mapping):
+            for name, value in source.items():
+                if not isinstance(value, Tensor):
+                    raise CheckpointError(f"{name}: a {type(value).__name__}, not a tensor")
             self._tensors = source
             self.names = list(source)
+            self._known = set(self.names)
             return
         path = os.fspath(source)
         if os.path.isdir(path):
@@ -234,6 +243,10 @@ class Checkpoint:
             file = _SafetensorsFile(path)
             self._files = dict.fromkeys(file.entries, file)
         self.names = list(self._files)
+        self._known = set(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._known
 
     def read(self, name: str) -> Tensor:
         return self._tensors[name] if name in self._tensors else self._files[name].read(name)
@@ -273,7 +286,7 @@ def _nf4_group(checkpoint: Checkpoint, key: str, materialize: bool) -> NF4Tensor
     group = {}
     for suffix in ("", *_TENSOR_SUFFIXES, QUANT_STATE_SUFFIX):
         name = key + suffix
-        if name in checkpoint.names:
+        if name in checkpoint:
             group[name] = checkpoint.read(name) if materialize or suffix in _SMALL_NF4_SUFFIXES else checkpoint.meta(name)
     return nf4_from_state_dict(group, key)
 
@@ -322,7 +335,7 @@ def load(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     device: Optional[Union[str, torch.device]] = None,
 ) -> nn.Module:
-    """Load a checkpoint (a safetensors file, a folder of shards, or a state dict) into ``model``, in place.
+    """Load a checkpoint (safetensors file, folder of shards, DCP folder or state dict) into ``model``, in place.
 
     NF4 weights in bitsandbytes' layout (ours, or written by bitsandbytes/transformers) become
     NF4Tensors without re-quantizing; everything else is loaded as is, or, given ``config`` (an

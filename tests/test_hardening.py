@@ -476,6 +476,7 @@ def test_cuda_threads_share_a_model():
     inputs = [torch.randint(0, 50, (b, 7), device="cuda") for b in (1, 3, 16, 40)]
     with torch.no_grad():
         expected = [model(ids) for ids in inputs]
+    torch.cuda.synchronize()  # the side streams below read these
     errors, mismatches = [], []
 
     def worker(i):
