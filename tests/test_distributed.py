@@ -316,7 +316,7 @@ def two_processes(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fsdp_qlora_checkpoint_read_on_one_process(two_processes):
-    """The sharded checkpoint on one process: the whole entries, and nf4compile.load of them into a skeleton."""
+    """The sharded checkpoint on one process: its whole entries, and nf4compile.load of the folder into a skeleton."""
     saved = torch.load(two_processes / "fsdp.pt", weights_only=True)
     entries = read_dcp_checkpoint(two_processes / "checkpoint")
     assert entries.keys() == saved["state"].keys()
@@ -324,7 +324,7 @@ def test_fsdp_qlora_checkpoint_read_on_one_process(two_processes):
         if not key.endswith("bitsandbytes__nf4"):  # the JSON is padded in sharded checkpoints
             assert torch.equal(entries[key], value), key
     skeleton = _llama(2, torch.bfloat16, seed=7, lora=True, quantize=False)
-    nf4compile.load(skeleton, entries)
+    nf4compile.load(skeleton, two_processes / "checkpoint")  # the DCP folder itself
     with torch.no_grad():
         assert torch.equal(skeleton(input_ids=saved["probe"]).logits, saved["logits"])
 
