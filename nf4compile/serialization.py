@@ -311,8 +311,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 @functools.lru_cache(maxsize=None)
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # glibc; elsewhere there is nothing to call
+    except (OSError, AttributeError, TypeError):
         return None
 
 
