@@ -179,7 +179,7 @@ def decode(model: nn.Module, args, device) -> dict:
     """Compile the decode step, warm up, then time one generation (bench/e2e.py's recipe). On GPUs CUDA graphs
     first (mode="reduce-overhead"); if that fails (collectives captured in a graph, say), the error is kept and
     the step is compiled again without them."""
-    cuda_graphs = device.type == "cuda" and args.compile_backend == "inductor"
+    cuda_graphs = device.type == "cuda" and args.compile_backend == "inductor" and args.cuda_graphs
     try:
         return dict(mode="reduce-overhead" if cuda_graphs else "default", **_timed_generation(model, args, device, cuda_graphs))
     except Exception as e:  # noqa: BLE001
@@ -207,7 +207,7 @@ def _timed_generation(model: nn.Module, args, device, cuda_graphs: bool) -> dict
         timings: dict = {}
         tokens = generate(model, prompt, args.new_tokens, step, cache, timings)
     result = dict(decode_tok_s=(args.new_tokens - 1) / timings["decode_s"], prefill_ms=timings["prefill_s"] * 1e3,
-                  compile_s=compile_s, tokens=tokens[0, args.prompt:].tolist())
+                  compile_s=compile_s, tokens=tokens[0, args.prompt:].tolist(), sequence=tokens[0].tolist())
     if code:
         result.update(fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
                       dequantize_calls=sum(c.count("torch.ops.nf4compile.dequantize.default(") for c in code))
@@ -231,14 +231,21 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
         return built["model"]
 
     def one_gpu() -> dict:
-        return dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9,
-                    **decode(model(), args, device))
+        result = decode(model(), args, device)
+        # Greedy tokens of random-weight models part ways at the first near-tie (top-2 logits within bf16
+        # noise), so TP is compared with one GPU on the logits of one fixed sequence: this run's tokens.
+        built["sequence"] = torch.tensor([result["sequence"]], device=device)
+        built["logits"] = teacher_forced_logits(model(), built["sequence"])
+        return dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9, **result)
 
     def tensor_parallel() -> dict:
         cleanup(device)  # the one-GPU compile and its CUDA graphs
         parallelize_module(model(), init_device_mesh(device.type, (dist.get_world_size(),)), tensor_parallel_plan(model()))
-        return dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9,
-                    **decode(model(), args, device))
+        result = dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9,
+                      **decode(model(), args, device))
+        if "logits" in built:
+            result.update(logits_vs_1gpu(teacher_forced_logits(model(), built["sequence"]), built["logits"]))
+        return result
 
     for name, fn in (("decode-1gpu", one_gpu), ("decode-tp", tensor_parallel)):
         if name in phases:
@@ -253,6 +260,24 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
 
 
 # --- running and reporting -------------------------------------------------------------------------
+
+
+def teacher_forced_logits(model: nn.Module, sequence: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=sequence).logits[0]
+    return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).float()
+
+
+def logits_vs_1gpu(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far TP's logits are from one GPU's on the same sequence, and whether the top-1 token agrees at
+    every position where one GPU's top-2 margin exceeds twice that distance (no bf16 near-tie)."""
+    diff = (logits - reference).abs().max().item()
+    top2 = reference.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * diff
+    same = logits.argmax(-1) == reference.argmax(-1)
+    return dict(logits_max_abs_diff=diff, logits_max_abs=reference.abs().max().item(),
+                top1_agreement=same.float().mean().item(), clear_positions=int(clear.sum()),
+                top1_agreement_where_clear=same[clear].float().mean().item() if clear.any() else None)
 
 
 def run_phase(name: str, fn, args, report: dict, path: Path) -> None:
@@ -277,7 +302,7 @@ def run_phase(name: str, fn, args, report: dict, path: Path) -> None:
     report["results"].append(entry)
     write_report(path, report)
     if dist.get_rank() == 0:
-        print(json.dumps({k: v for k, v in entry.items() if k not in ("trace", "tokens", "step_s_all")}), flush=True)
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("trace", "tokens", "sequence", "step_s_all")}), flush=True)
 
 
 def estimate_s(name: str, results: list, args) -> float:
@@ -323,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile-backend", default="inductor", help="'eager' traces only (a quick CPU check)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help='compile the decode step without mode="reduce-overhead"')
     parser.add_argument("--small", action="store_true", help="tiny shapes, CPU and gloo")
     args = parser.parse_args(argv)
     if args.small:
@@ -355,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"wrote {path}", flush=True)
         return report
     finally:
+        # CUDA graphs holding captured NCCL collectives go first: with them alive, destroy_process_group
+        # hung after the TP decode phase (2x H200, torch 2.11).
+        cleanup(device)
         if own_group:
             dist.destroy_process_group()
 

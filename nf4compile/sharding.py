@@ -249,8 +249,10 @@ def _scatter(func, args, kwargs):
     work = None
     for name in output.__tensor_flatten__()[0]:
         inputs = [[getattr(t, name) for t in sources[0]]] if sources else []
+        # Always async_op=True, then wait: asked for a blocking scatter, NCCL runs it on the current stream
+        # and returns no Work, and waiting on that killed both ranks with SIGSEGV (2x H200, torch 2.11).
         _, work = func([getattr(output, name)], inputs, arguments["process_group"], arguments["root_rank"],
-                       arguments["async_op"], arguments["timeout"])
+                       True, arguments["timeout"])
         work.wait()
     return [output], work
 

@@ -1,6 +1,6 @@
 """NF4 weights on torch.distributed: shards (single process), then FSDP2 QLoRA training, DCP checkpoints,
 tensor-parallel compiled decoding and bench/distributed.py --small on 2 CPU processes with gloo (one spawn for
-all of them, one Inductor compile).
+all of them, one Inductor compile). With 2 GPUs the same checks run again on them with NCCL (bench excepted).
 
 Tolerances: shards, gathered weights and checkpoints are compared bit for bit. FSDP2 losses against the
 single-process run on the same data: the runs differ only in reduction order (each rank's half batch, the
@@ -229,7 +229,7 @@ def _decode(model, prompt, steps: int, step_fn):
     logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
     outputs = [logits]
     for i in range(steps):
-        position = torch.tensor([[prompt.shape[1] + i]])
+        position = torch.tensor([[prompt.shape[1] + i]], device=prompt.device)
         logits = step_fn(model, cache, logits.argmax(-1, keepdim=True), position)
         outputs.append(logits)
     return torch.stack(outputs)
@@ -239,14 +239,14 @@ def _decode_step(model, cache, token, position):
     return model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def _tensor_parallel(rank: int) -> None:
+def _tensor_parallel(rank: int, device: torch.device) -> None:
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
     # distribute_tensor scatters rank 0's shards (src_data_rank=0, the parallel styles' default)
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh(device.type, (WORLD,))
     torch.manual_seed(10 + rank)
     mine = to_nf4(torch.randn(128, 256))
     torch.manual_seed(10)
@@ -288,14 +288,19 @@ def _bench_small(tmp: Path) -> None:
     bench.main(["--small", "--compile-backend", "eager", "--out", str(tmp / "bench")])
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_default_device(device)  # models, data and caches made by the checks land on this rank's GPU
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
         _fsdp_qlora(rank, Path(tmp))
-        _tensor_parallel(rank)
-        _bench_small(Path(tmp))
+        _tensor_parallel(rank, device)
+        if device.type == "cpu":  # --small is the CPU run of the script; on GPUs it runs full size (bench/)
+            _bench_small(Path(tmp))
     finally:
         dist.destroy_process_group()
 
@@ -346,3 +351,12 @@ def test_bench_small_run_writes_every_phase(two_processes):
     tp, one = results["decode-tp"], results["decode-1gpu"]
     assert tp["weight_gb_per_gpu"] < one["weight_gb_per_gpu"]  # the NF4 layers are sharded
     assert tp["same_tokens_as_1gpu"] == 1.0 and tp["speedup_vs_1gpu"] > 0
+    assert tp["clear_positions"] > 0 and tp["top1_agreement_where_clear"] == 1.0
+    assert tp["logits_max_abs_diff"] < 0.05 * tp["logits_max_abs"]  # bf16: row-wise shards sum in another order
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_qlora_and_tensor_parallel_on_two_gpus(tmp_path):
+    """The 2-process checks above (FSDP2 QLoRA, DCP, tensor-parallel compiled decoding) with NCCL on 2 GPUs."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "nccl"), nprocs=WORLD)
