@@ -249,8 +249,8 @@ def _scatter(func, args, kwargs):
     work = None
     for name in output.__tensor_flatten__()[0]:
         inputs = [[getattr(t, name) for t in sources[0]]] if sources else []
-        # Always async_op=True, then wait: asked for a blocking scatter, NCCL runs it on the current stream
-        # and returns no Work, and waiting on that killed both ranks with SIGSEGV (2x H200, torch 2.11).
+        # Always async_op=True, then wait: re-issued blocking (async_op=False, as distribute_tensor asks),
+        # NCCL's scatter killed both ranks with SIGSEGV in this call (2x H200, torch 2.11; gloo was fine).
         _, work = func([getattr(output, name)], inputs, arguments["process_group"], arguments["root_rank"],
                        True, arguments["timeout"])
         work.wait()
