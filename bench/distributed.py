@@ -231,11 +231,15 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
         return built["model"]
 
     def one_gpu() -> dict:
-        result = decode(model(), args, device)
         # Greedy tokens of random-weight models part ways at the first near-tie (top-2 logits within bf16
-        # noise), so TP is compared with one GPU on the logits of one fixed sequence: this run's tokens.
-        built["sequence"] = torch.tensor([result["sequence"]], device=device)
+        # noise), so TP is compared with one GPU on the logits of one fixed random sequence.
+        built["sequence"] = torch.randint(3, shapes["vocab_size"], (1, args.prompt + args.new_tokens),
+                                          generator=torch.Generator().manual_seed(11)).to(device)
         built["logits"] = teacher_forced_logits(model(), built["sequence"])
+        result = decode(model(), args, device)
+        # The same eager forward after the compiled decode: nothing the CUDA graphs did may change it.
+        after = teacher_forced_logits(model(), built["sequence"])
+        result["logits_changed_by_compiled_decode"] = (after - built["logits"]).abs().max().item()
         return dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9, **result)
 
     def tensor_parallel() -> dict:
