@@ -1,9 +1,13 @@
 """The three nf4compile custom ops: quantize, dequantize and the fused NF4 linear.
 
-They are ``torch.library.custom_op``s on purpose: opaque to torch.compile and torch.export, so the
-graph passes can find ``nf4compile.dequantize`` and rewrite it into ``nf4compile.linear``. Each op has
-a fake implementation (shapes only), a plain-PyTorch implementation that serves every device, and
-CUDA kernels registered by the Triton modules beside this one.
+They are opaque custom ops on purpose: opaque to torch.compile and torch.export, so the graph
+passes can find ``nf4compile.dequantize`` and rewrite it into ``nf4compile.linear``. Each op has a fake
+implementation (shapes only), a plain-PyTorch implementation that serves every device, and CUDA
+kernels registered by the Triton modules beside this one. quantize and dequantize are
+``torch.library.custom_op``s; linear, called once per layer per token when decoding, is defined with
+``torch.library.Library`` instead: custom_op's Python layer (alias checks over every input, a
+dynamo-disable frame) cost 30 of the 72 us one call spent on the host of an H100 machine
+(bench/NOTES.md, "Host overhead"). Same schema, same opacity.
 
 Scales are passed as ``absmax`` (fp32), or, double-quantized, as ``absmax`` (uint8 codes) plus
 ``nested_absmax`` and ``offset``; see ``nf4compile.format``.
@@ -151,8 +155,20 @@ def check_linear_args(x: Tensor, packed: Tensor, bias: Optional[Tensor], out_fea
     return shape
 
 
-@torch.library.custom_op("nf4compile::linear", mutates_args=())
-def linear(
+_LIBRARY = torch.library.Library("nf4compile", "FRAGMENT")
+_LIBRARY.define(
+    "linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, SymInt block_size, "
+    "SymInt out_features, SymInt in_features, Tensor? bias=None, bool x_at_w=False) -> Tensor"
+)
+linear = torch.ops.nf4compile.linear.default
+
+
+def register_linear_kernel(device_key: str, kernel) -> None:
+    """``kernel`` serves ``nf4compile.linear`` on ``device_key`` ("CUDA"), called by the dispatcher directly."""
+    _LIBRARY.impl("linear", kernel, device_key)
+
+
+def _linear_reference(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -178,7 +194,10 @@ def linear(
     return torch.nn.functional.linear(x, weight, bias)
 
 
-@linear.register_fake
+_LIBRARY.impl("linear", _linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("nf4compile::linear")
 def _(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None, x_at_w=False):
     check_scales(packed, absmax, nested_absmax, offset, block_size, out_features * in_features)
     return x.new_empty(check_linear_args(x, packed, bias, out_features, in_features, x_at_w))
@@ -209,4 +228,4 @@ def _linear_backward(ctx, grad_out):
     return grad_x, None, None, None, None, None, None, None, grad_bias, None
 
 
-linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd("nf4compile::linear", _linear_backward, setup_context=_linear_setup_context)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from nf4compile.ops.nf4_ops import ACTIVATION_DTYPES, check_linear_args, check_scales, linear
+from nf4compile.ops.nf4_ops import ACTIVATION_DTYPES, check_linear_args, check_scales, register_linear_kernel
 from nf4compile.ops.triton_dequantize import (
     lane_codebook, load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, shuffle_lookup, well_formed,
 )
@@ -528,7 +528,9 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_feature
     return out if x.dim() == 2 else out.view(out_shape)
 
 
-@linear.register_kernel("cuda")
 def _linear_cuda(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None,
                  x_at_w=False):
     return nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, x_at_w)
+
+
+register_linear_kernel("CUDA", _linear_cuda)
