@@ -66,23 +66,7 @@ def median_us(fn) -> float:
 
 def graph_us(make_call, copies: int) -> float:
     """Median per call of a CUDA graph holding one call per weight copy (L2 never warm)."""
-    calls = [make_call(i) for i in range(copies)]
-    for call in calls:  # warm-up: plans chosen, kernels compiled, outside the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(20):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / copies)
-    return sorted(samples)[len(samples) // 2]
+    return triton_linear.cuda_graph_us([make_call(i) for i in range(copies)])
 
 
 def eager_call_us(fn, calls: int = 200) -> float:

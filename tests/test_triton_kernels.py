@@ -265,6 +265,24 @@ def test_every_candidate_plan_cuda(M, x_at_w):
 
 @pytest.mark.cuda
 @requires_cuda
+def test_tuner_times_every_candidate_in_cuda_graphs_and_caches_the_fastest(monkeypatch):
+    N, K = 512, 2048
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(triton_linear, "_PLANS", {})
+    timings = []
+    plan = triton_linear.tune_plan(x, packed, absmax, nested, offset, 64, N, K, None, False, timings)
+    candidates = triton_linear.candidate_plans(1, False, torch.bfloat16)
+    assert len(timings) >= len(candidates) - 2  # a config may not fit the GPU (OutOfResources)
+    assert all(p in candidates and ms > 0 for p, ms in timings)
+    assert plan is min(timings, key=lambda t: t[1])[0]
+    assert triton_linear._PLANS[(False, N, K, 1, torch.bfloat16, 64)] is plan
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, None, False, plan=plan)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_dequantize_op_cuda_bit_exact():
     (packed, absmax, nested, offset), w64 = make_weight(11008, 4096, 64, True)
     out = torch.ops.nf4compile.dequantize(packed, absmax, nested, offset, 64, [11008, 4096], torch.bfloat16)
