@@ -235,10 +235,10 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
         # noise), so TP is compared with one GPU on the logits of one fixed random sequence.
         built["sequence"] = torch.randint(3, shapes["vocab_size"], (1, args.prompt + args.new_tokens),
                                           generator=torch.Generator().manual_seed(11)).to(device)
-        built["logits"] = teacher_forced_logits(model(), built["sequence"])
+        built["logits"], built["hidden"] = teacher_forced(model(), built["sequence"])
         result = decode(model(), args, device)
         # The same eager forward after the compiled decode: nothing the CUDA graphs did may change it.
-        after = teacher_forced_logits(model(), built["sequence"])
+        after, _ = teacher_forced(model(), built["sequence"])
         result["logits_changed_by_compiled_decode"] = (after - built["logits"]).abs().max().item()
         return dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9, **result)
 
@@ -248,7 +248,10 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
         result = dict(layers=args.decode_layers, weight_gb_per_gpu=weight_bytes_per_gpu(model()) / 1e9,
                       **decode(model(), args, device))
         if "logits" in built:
-            result.update(logits_vs_1gpu(teacher_forced_logits(model(), built["sequence"]), built["logits"]))
+            logits, hidden = teacher_forced(model(), built["sequence"])
+            result.update(logits_vs_1gpu(logits, built["logits"]))
+            # Where TP departs from one GPU: the relative distance of each layer's output (embeddings first).
+            result["hidden_rel_diff_per_layer"] = [((a - b).norm() / b.norm()).item() for a, b in zip(hidden, built["hidden"])]
         return result
 
     for name, fn in (("decode-1gpu", one_gpu), ("decode-tp", tensor_parallel)):
@@ -266,10 +269,12 @@ def decode_phases(args, shapes: dict, device, report: dict, path: Path, phases: 
 # --- running and reporting -------------------------------------------------------------------------
 
 
-def teacher_forced_logits(model: nn.Module, sequence: torch.Tensor) -> torch.Tensor:
+def teacher_forced(model: nn.Module, sequence: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits and every layer's hidden states (fp32, whole tensors) of one eager forward of ``sequence``."""
     with torch.no_grad():
-        logits = model(input_ids=sequence).logits[0]
-    return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).float()
+        output = model(input_ids=sequence, output_hidden_states=True)
+    whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t)[0].float()
+    return whole(output.logits), [whole(h) for h in output.hidden_states]
 
 
 def logits_vs_1gpu(logits: torch.Tensor, reference: torch.Tensor) -> dict:

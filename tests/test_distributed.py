@@ -353,6 +353,8 @@ def test_bench_small_run_writes_every_phase(two_processes):
     assert tp["same_tokens_as_1gpu"] == 1.0 and tp["speedup_vs_1gpu"] > 0
     assert tp["clear_positions"] > 0 and tp["top1_agreement_where_clear"] == 1.0
     assert one["logits_changed_by_compiled_decode"] == 0.0
+    per_layer = tp["hidden_rel_diff_per_layer"]  # embeddings (replicated: identical), then each decoder layer
+    assert len(per_layer) == 3 and per_layer[0] == 0.0 and max(per_layer) < 0.05, per_layer
     assert tp["logits_max_abs_diff"] < 0.05 * tp["logits_max_abs"]  # bf16: row-wise shards sum in another order
 
 
