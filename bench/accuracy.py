@@ -12,7 +12,8 @@ means for keep_budget); fp32 compute is reported too (there a dense layer costs 
 Weak proxy: a small random-weight Llama (logit KL divergence vs bf16 and top-1 agreement on random
 held-out tokens). Random weights have no structure for calibration to exploit; read it as a check.
 
-Methods: nearest (plain NF4 = bitsandbytes), scale search, GPTQ + scale search, each with
+Methods: nearest (plain NF4 = bitsandbytes), scale search (without data, on nf4compile.random_tokens,
+on the calibration data), GPTQ + scale search; plain NF4 and the calibration-data methods with
 keep_budget 0 / 0.05 / 0.10 / 0.15 (sensitivity-chosen dense layers); "full" is GPTQ + search at
 0.15. Writes accuracy.json and accuracy.png (error vs extra bytes, one line per method) into --out.
 matplotlib is a bench-only need (not in the package's dependencies).
@@ -36,17 +37,20 @@ import nf4compile
 from nf4compile import NF4Config, NF4Tensor
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-# name: (NF4Config options, whether the weights use the calibration data). With keep_budget > 0 the
-# dense layers are always chosen on the calibration data; a data-free method runs at budget 0 only,
-# except plain NF4, whose line shows what sensitivity alone buys.
+# name: (NF4Config options, what the weights are computed from: nothing, nf4compile.random_tokens
+# (no text) or the calibration data). With keep_budget > 0 the dense layers are always chosen on the
+# calibration data; a method that does not use it runs at budget 0 only, except plain NF4, whose line
+# shows what sensitivity alone buys.
 METHODS = {
-    "nearest (plain NF4)": (dict(), False),
-    "scale search (no data)": (dict(scale_search=True), False),
-    "scale search": (dict(scale_search=True), True),
-    "GPTQ + scale search": (dict(method="gptq"), True),
+    "nearest (plain NF4)": (dict(), None),
+    "scale search (no data)": (dict(scale_search=True), None),
+    "scale search (random tokens)": (dict(scale_search=True), "random tokens"),
+    "scale search": (dict(scale_search=True), "calibration"),
+    "GPTQ + scale search": (dict(method="gptq"), "calibration"),
 }
 BUDGETS = (0.0, 0.05, 0.10, 0.15)
-TARGETS = {"scale search": 0.978, "scale search (no data)": 0.978, "GPTQ + scale search": 0.981, "full": 0.99}
+TARGETS = {"scale search": 0.978, "scale search (no data)": 0.978, "scale search (random tokens)": 0.978,
+           "GPTQ + scale search": 0.981, "full": 0.99}
 
 
 def nf4_bytes_and_kept(model) -> tuple[int, int, list[str]]:
@@ -58,16 +62,16 @@ def nf4_bytes_and_kept(model) -> tuple[int, int, list[str]]:
     return nf4, dense, kept
 
 
-def run_methods(reference, calibration, evaluate, dtype, double_quants=(False,), budgets=BUDGETS) -> list[dict]:
+def run_methods(reference, calibration, random_tokens, evaluate, dtype, double_quants=(False,), budgets=BUDGETS) -> list[dict]:
     rows = []
     for double_quant in double_quants:
-        for method, (options, uses_data) in METHODS.items():
+        for method, (options, source) in METHODS.items():
             all_nf4_bytes = None
-            for budget in budgets if uses_data or not options else (0.0,):
+            for budget in budgets if source == "calibration" or not options else (0.0,):
                 config = NF4Config(double_quant=double_quant, keep_budget=budget, **options)
                 model = copy.deepcopy(reference).to(dtype)
                 start = time.perf_counter()
-                data = calibration if uses_data or budget > 0 else None
+                data = calibration if source == "calibration" or budget > 0 else random_tokens if source else None
                 nf4compile.quantize(model, config, calibration=data, show_progress=False)
                 seconds = time.perf_counter() - start
                 nf4, dense, kept = nf4_bytes_and_kept(model)
@@ -94,6 +98,7 @@ def minilm(quick: bool) -> dict:
     tokenizer, reference = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     held_out = (DATA / "held_out.txt").read_text().splitlines()
     calibration = [dict(tokenizer(line, return_tensors="pt")) for line in (DATA / "calibration.txt").read_text().splitlines()]
+    random_tokens = nf4compile.random_tokens(tokenizer.vocab_size)
     inputs = tokenizer(held_out, padding=True, return_tensors="pt")
 
     def embed(model):
@@ -121,11 +126,11 @@ def minilm(quick: bool) -> dict:
         calibration_sentences=len(calibration), held_out_sentences=len(held_out),
         calibration_tokens=sum(b["input_ids"].numel() for b in calibration),
         bf16_without_nf4=evaluate(copy.deepcopy(reference).to(torch.bfloat16)),
-        bf16=run_methods(reference, calibration, evaluate, torch.bfloat16, (False,), budgets),
-        bf16_double_quant=run_methods(reference, calibration, evaluate, torch.bfloat16, (True,), (0.0, 0.15)),
+        bf16=run_methods(reference, calibration, random_tokens, evaluate, torch.bfloat16, (False,), budgets),
+        bf16_double_quant=run_methods(reference, calibration, random_tokens, evaluate, torch.bfloat16, (True,), (0.0, 0.15)),
     )
     if not quick:
-        result["fp32"] = run_methods(reference, calibration, evaluate, torch.float32, (False,), (0.0, 0.15))
+        result["fp32"] = run_methods(reference, calibration, random_tokens, evaluate, torch.float32, (False,), (0.0, 0.15))
     return result
 
 
@@ -153,7 +158,7 @@ def random_llama(quick: bool) -> dict:
 
     budgets = (0.0, 0.15) if quick else BUDGETS
     return dict(model="LlamaForCausalLM, random weights, hidden 256, 4 layers, vocab 2048 (lm_head dense)",
-                rows=run_methods(reference, calibration, evaluate, torch.bfloat16, (False,), budgets))
+                rows=run_methods(reference, calibration, nf4compile.random_tokens(2048), evaluate, torch.bfloat16, (False,), budgets))
 
 
 # --- report -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 from nf4compile import ops  # noqa: F401  registers torch.ops.nf4compile.*
 from nf4compile import sharding  # noqa: F401  registers the NF4Tensor ops of FSDP2 and DTensor
 from nf4compile.export import export, parameter_names
+from nf4compile.calibrate import random_tokens
 from nf4compile.format import NF4_CODEBOOK
 from nf4compile.pretrained import from_pretrained, save_pretrained
 from nf4compile.qlora import MergeReport, merge_and_unload
@@ -32,6 +33,7 @@ __all__ = [
     "merge_and_unload",
     "parameter_names",
     "quantize",
+    "random_tokens",
     "report",
     "save",
     "save_pretrained",
