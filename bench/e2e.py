@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/e2e.py [--gpu-budget-s 420] [--out bench/results] [--small]
     PYTHONPATH=. python bench/e2e.py --plot bench/results/<file>.json      # PNG from a JSON (e.g. on a laptop)
 
-Methods: bf16 compiled; nf4compile compiled (fused); nf4compile compiled unfused (the Inductor pass off);
+Methods: bf16 compiled; nf4compile compiled (fused, sibling linears grouped at decode); nf4compile compiled
+ungrouped (GroupSiblingLinears off); nf4compile compiled unfused (the Inductor pass off);
 bitsandbytes NF4 (nf4, double quant, bf16 compute; Linear4bit modules as transformers' loader installs
 them) eager, and compiled; torchao NF4 compiled; bf16 eager as an anchor. Configurations run in priority
 order (PLAN) until --gpu-budget-s is spent; the JSON is rewritten after each one, so a run cut short still
@@ -68,6 +69,7 @@ PLAN = [
     ("llama-2-7b", 8, "bf16-compiled"),
     ("llama-2-7b", 1, "bnb-eager"),
     ("llama-2-7b", 8, "bnb-eager"),
+    ("llama-2-7b", 1, "nf4compile-ungrouped"),
     ("llama-2-7b", 1, "nf4compile-unfused"),
     ("llama-2-7b", 1, "bf16-eager"),  # seconds: the bf16 model is still built
     ("llama-3-8b", 1, "nf4compile"),
@@ -79,8 +81,9 @@ PLAN = [
     ("llama-2-7b", 8, "nf4compile-unfused"),
     ("llama-2-7b", 1, "nf4compile-trees"),
 ]
-COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "nf4compile-trees", "bnb-compiled", "torchao-compiled"}
-FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-unfused", "nf4compile-trees"}  # the others: compiled "if that works"
+COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees", "bnb-compiled",
+            "torchao-compiled"}
+FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees"}  # the others: compiled "if that works"
 WARMUP_TOKENS = 3  # the decode step runs twice: CUDA-graph trees warm up, then record
 PREFILL_REPEATS = 3
 
@@ -251,9 +254,10 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    # Unfused: the Inductor pass leaves dequantize + matmul alone, for this compile only.
-    unfused = {"NF4COMPILE_FUSE": "0"} if method.startswith("nf4compile-unfused") else {}
-    with torch.no_grad(), mock.patch.dict(os.environ, unfused):
+    # Unfused: the Inductor pass leaves dequantize + matmul alone; ungrouped: sibling linears (q, k, v;
+    # gate, up) are not grouped into one launch. For this compile only.
+    switches = {"nf4compile-unfused": {"NF4COMPILE_FUSE": "0"}, "nf4compile-ungrouped": {"NF4COMPILE_GROUP": "0"}}
+    with torch.no_grad(), mock.patch.dict(os.environ, switches.get(method, {})):
         _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache)
         warmup_s = time.perf_counter() - start
         prefill_s = []
@@ -273,6 +277,7 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     if code:  # Inductor's output: did the pass fuse (nf4compile: every NF4 layer one linear, no dequantize)?
         result.update(decode_graph="trees" if method.endswith("-trees") or args.decode_graph == "trees" else "step",
                       fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
+                      linear_group_calls=sum(c.count("torch.ops.nf4compile.linear_group.default(") for c in code),
                       dequantize_calls=sum(c.count("torch.ops.nf4compile.dequantize.default(") for c in code))
     if device.type == "cuda":
         result["peak_gb"] = (torch.cuda.max_memory_allocated() - baseline + model._bench_weight_bytes) / 1e9

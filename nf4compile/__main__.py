@@ -149,7 +149,7 @@ def bench(args: argparse.Namespace) -> None:
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.which}.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / BENCH_SCRIPTS[args.which]
     if not script.is_file():
         sys.exit(f"nf4compile bench: {script} not found (bench/ ships with the source repository, not the package)")
     argv, sys.argv = sys.argv, [str(script), *args.args]
@@ -157,6 +157,11 @@ def bench(args: argparse.Namespace) -> None:
         runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = argv
+
+
+# Not bench/kernels.py: with bench/ on sys.path (a script there runs) that file would stand in for the
+# `kernels` package that transformers imports.
+BENCH_SCRIPTS = {"kernels": "nf4_kernels.py", "e2e": "e2e.py"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     report_parser.add_argument("--png", metavar="PATH", help="per-layer error plot (needs matplotlib)")
     report_parser.set_defaults(run=report_folder)
     bench_parser = commands.add_parser(
-        "bench", help="bench/kernels.py or bench/e2e.py from the source tree; `bench e2e --help` for their options"
+        "bench", help="bench/nf4_kernels.py or bench/e2e.py from the source tree; `bench e2e --help` for their options"
     )
-    bench_parser.add_argument("which", choices=["kernels", "e2e"])
+    bench_parser.add_argument("which", choices=sorted(BENCH_SCRIPTS))
     bench_parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
     bench_parser.set_defaults(run=bench)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The three nf4compile custom ops: quantize, dequantize and the fused NF4 linear.
+"""The nf4compile custom ops: quantize, dequantize, the fused NF4 linear and its sibling group.
 
 They are opaque custom ops on purpose: opaque to torch.compile and torch.export, so the graph
 passes can find ``nf4compile.dequantize`` and rewrite it into ``nf4compile.linear``. Each op has a fake
@@ -163,9 +163,10 @@ _LIBRARY.define(
 linear = torch.ops.nf4compile.linear.default
 
 
-def register_linear_kernel(device_key: str, kernel) -> None:
-    """``kernel`` serves ``nf4compile.linear`` on ``device_key`` ("CUDA"), called by the dispatcher directly."""
-    _LIBRARY.impl("linear", kernel, device_key)
+def register_kernel(op_name: str, device_key: str, kernel) -> None:
+    """``kernel`` serves ``nf4compile.<op_name>`` ("linear", "linear_group") on ``device_key`` ("CUDA"),
+    called by the dispatcher directly."""
+    _LIBRARY.impl(op_name, kernel, device_key)
 
 
 def _linear_reference(
@@ -229,3 +230,46 @@ def _linear_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("nf4compile::linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+# linear_group -----------------------------------------------------------------------------------
+
+# Sibling linears of one input (q, k and v; gate and up) in one op: the GroupSiblingLinears pass makes
+# it, so that at decode one kernel launch reads every weight of the group (bench/NOTES.md). An
+# inference-only op (the pass runs on graphs autograd is done with): no autograd formula.
+_LIBRARY.define(
+    "linear_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, Tensor?[] offset, "
+    "SymInt block_size, SymInt[] out_features, SymInt in_features, Tensor?[] bias) -> Tensor"
+)
+linear_group = torch.ops.nf4compile.linear_group.default
+
+
+def check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias) -> None:
+    count = len(packed)
+    torch._check_value(count >= 1, lambda: "NF4 linear_group needs at least one weight")
+    torch._check_value(
+        all(len(arg) == count for arg in (absmax, nested_absmax, offset, out_features, bias)),
+        lambda: "NF4 linear_group: packed, absmax, nested_absmax, offset, out_features and bias must list "
+        f"the same number of weights, got {[len(a) for a in (packed, absmax, nested_absmax, offset, out_features, bias)]}",
+    )
+
+
+def _linear_group_reference(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias):
+    """``cat([x @ W_i.T + b_i for each weight i], -1)``: the output of each sibling linear, side by side."""
+    check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
+    return torch.cat([
+        linear(x, p, a, n, o, block_size, out, in_features, b)
+        for p, a, n, o, out, b in zip(packed, absmax, nested_absmax, offset, out_features, bias)
+    ], dim=-1)
+
+
+_LIBRARY.impl("linear_group", _linear_group_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("nf4compile::linear_group")
+def _(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias):
+    check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
+    for p, a, n, o, out, b in zip(packed, absmax, nested_absmax, offset, out_features, bias):
+        check_scales(p, a, n, o, block_size, out * in_features)
+        check_linear_args(x, p, b, out, in_features, False)
+    return x.new_empty((*x.shape[:-1], sum(out_features)))

@@ -60,16 +60,34 @@ def masked_load(ptr, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr,
-                EVEN: tl.constexpr):
-    """The fp32 absmax of quantization blocks ``blk`` (0 where masked); double-quantized scales are
-    rebuilt as dynamic_map[code] * nested_absmax[blk // 256] + offset, in bitsandbytes' order."""
+def load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr, EVEN: tl.constexpr):
+    """What the scales of quantization blocks ``blk`` are rebuilt from, as two tensors: the fp32
+    absmax (twice), or with double quantization its 8-bit code and nested_absmax[blk // 256].
+    Loaded apart from resolve_scales so that a kernel can load a step ahead and resolve later."""
     if DOUBLE_QUANT:
         code = masked_load(absmax_ptr + blk, mask, 0, EVEN).to(tl.int32)
         nested = masked_load(nested_ptr + blk // 256, mask, 0.0, EVEN)
-        return tl.load(dyn_ptr + code) * nested + tl.load(offset_ptr)
+        return code, nested
     else:
-        return masked_load(absmax_ptr + blk, mask, 0.0, EVEN)
+        absmax = masked_load(absmax_ptr + blk, mask, 0.0, EVEN)
+        return absmax, absmax
+
+
+@triton.jit
+def resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scales from load_scale_parts: dynamic_map[code] * nested + offset, in bitsandbytes' order."""
+    if DOUBLE_QUANT:
+        return tl.load(dyn_ptr + part) * nested + tl.load(offset_ptr)
+    else:
+        return part
+
+
+@triton.jit
+def load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr,
+                EVEN: tl.constexpr):
+    """The fp32 absmax of quantization blocks ``blk`` (0 where masked)."""
+    part, nested = load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT, EVEN)
+    return resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT)
 
 
 @triton.jit

@@ -4,8 +4,10 @@ Three paths; each call picks one by M (the activation rows) and the weight's sha
 passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
   gemv     x @ W.T for one row of activations (decode): dot products on CUDA cores, W read once,
            split-K where N is small. Per-thread partial sums, reduced once after the K loop; each
-           code costs a shift, a codebook lookup and a multiply-add. Bound by the shared-memory
-           pipe that serves the lookups and by latency, not yet by HBM: bench/NOTES.md.
+           code costs a shift, a codebook lookup and a multiply-add (a word's eight products one
+           chain of multiply-adds). A plan may prefetch: the next step's loads are issued into
+           registers before this step decodes. Bound by the shared-memory pipe that serves the
+           lookups and by latency, not yet by HBM: bench/NOTES.md.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs.
@@ -13,11 +15,13 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            kernel that decodes each weight tile once per M tile by more than writing the dense weight
            costs; also for blocks that span rows (K % block_size != 0) and other dtypes.
 Which path and which kernel config serve a (orientation, N, K, M bucket) is a "plan". Plans come
-from ops/tuned_configs_h100.json on an H100, from tuning once per key when NF4COMPILE_AUTOTUNE=1,
-and otherwise from the measured defaults below. A plan, once chosen, is cached: never re-tuned.
+from ops/tuned_configs_<chip>.json on that chip (h100 is shipped), from tuning once per key when
+NF4COMPILE_AUTOTUNE=1, and otherwise from the measured defaults below. A plan, once chosen, is cached: never re-tuned.
 
 Both fused kernels look codes up in the 16-entry codebook either in shared memory or by warp
-shuffles from registers (a plan's "lookup"), whichever measured faster for the shape.
+shuffles from registers (a plan's "lookup"), whichever measured faster for the shape; the gemv may
+also mix the two, half the codes each ("mixed": fewer cycles of the shared-memory pipe per code
+than either alone, see _word_dots).
 
 Activations: fp16 and bf16 take every path. fp32 activations take the gemv path (exact fp32
 arithmetic) or dequantize to fp32 + torch.matmul, which keeps torch's TF32 setting in charge; the
@@ -27,7 +31,9 @@ fused tensor-core path is not used for fp32.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Optional
@@ -36,13 +42,26 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4compile.ops.nf4_ops import ACTIVATION_DTYPES, check_linear_args, check_scales, register_linear_kernel
+from nf4compile.ops.nf4_ops import (
+    ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
+)
 from nf4compile.ops.triton_dequantize import (
-    lane_codebook, load_scales, lookup, lookup_tables, masked_load, nf4_dequantize, shuffle_lookup, well_formed,
+    lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize, resolve_scales,
+    shuffle_lookup, well_formed,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TUNED_CONFIGS = Path(__file__).with_name("tuned_configs_h100.json")
+
+
+def gpu_chip(device_name: str) -> str:
+    """The chip a GPU's tuned plans are filed under: "NVIDIA H100 80GB HBM3" -> "h100"."""
+    match = re.search(r"\b[A-Z]{1,2}\d{2,4}\b", device_name)
+    return match.group(0).lower() if match else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def tuned_configs(chip: str) -> Path:
+    """Where bench/nf4_kernels.py --tune files a chip's plans and the dispatcher reads them."""
+    return Path(__file__).with_name(f"tuned_configs_{chip}.json")
 
 # Measured on an H100 (bench/NOTES.md): the gemv kernel serves one row of activations (decode): mm
 # took M = 4 from the earlier multi-row gemv on 6 of 7 shapes, its cost barely grows with M <= 16.
@@ -57,13 +76,14 @@ MAX_INT32_OFFSET = 2**31 - 1
 
 
 @triton.jit
-def _load_tile(
-    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, rows, row_mask, k0, K, stride_w,
+def _load_tile_parts(
+    packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k0, K, stride_w,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     EVEN: tl.constexpr,
 ):
     """The codes of W[rows, k0 : k0 + GROUPS * SUB] as 32-bit words [len(rows), GROUPS, SUB // 8]
-    (8 codes each, zero outside W) and the scales of its groups [len(rows), GROUPS].
+    (8 codes each, zero outside W) and what the scales of its groups [len(rows), GROUPS] are rebuilt
+    from (load_scale_parts): every global load of a step, none depending on another.
 
     Needs K % QBLOCK == 0 (no quantization block spans two rows), so a group of SUB columns has one
     scale, loaded once per group rather than once per weight.
@@ -76,8 +96,21 @@ def _load_tile(
     g_col = k0 + tl.arange(0, GROUPS) * SUB
     mask = row_mask[:, None] & (g_col < K)[None, :]
     blk = rows[:, None] * (K // QBLOCK) + g_col[None, :] // QBLOCK
-    scale = load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_QUANT, EVEN)
-    return tl.reshape(words, [rows.shape[0], GROUPS, SUB // 8]), scale
+    part, nested = load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT, EVEN)
+    return tl.reshape(words, [rows.shape[0], GROUPS, SUB // 8]), part, nested
+
+
+@triton.jit
+def _load_tile(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, rows, row_mask, k0, K, stride_w,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """_load_tile_parts with the scales resolved: (words, fp32 scales)."""
+    words, part, nested = _load_tile_parts(
+        packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+    )
+    return words, resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -119,44 +152,138 @@ def _decode(table, codes, SHUFFLE: tl.constexpr):
 
 
 @triton.jit
+def _split8(t):
+    """The slices t[..., 0], ..., t[..., 7] of a 4-D tensor whose last axis (8) lies within each thread:
+    no data moves."""
+    t = tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2], 2, 2, 2])  # element e = 4 i + 2 j + k
+    t_k0, t_k1 = tl.split(t)
+    t0, t4 = tl.split(tl.split(t_k0)[0])
+    t2, t6 = tl.split(tl.split(t_k0)[1])
+    t1, t5 = tl.split(tl.split(t_k1)[0])
+    t3, t7 = tl.split(tl.split(t_k1)[1])
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.constexpr):
+    """The dot product of each word's 8 codebook values with x: words [R, G, W], x [G, W, 8] (fp32)
+    -> [R, G, W], one multiply and seven multiply-adds per word; tl.sum over the axis of 8 compiles to
+    a tree of four multiplies, four multiply-adds and three adds.
+
+    MIXED decodes the high nibbles from the shared-memory table (``smem_table``) and the low ones by
+    shuffles (``table`` is the lane's entry): on an H100 a shuffle costs two cycles of the
+    shared-memory pipe and a conflict-free lookup one, so the mix takes 12 pipe cycles per 8 codes
+    where shuffles take 16, at fewer instructions than lookups alone."""
+    if MIXED:
+        high = lookup(smem_table, tl.join(tl.join(words >> 4, words >> 20), tl.join(words >> 12, words >> 28)))
+        high_a, high_b = tl.split(high)
+        d0, d4 = tl.split(high_a)
+        d2, d6 = tl.split(high_b)
+        d1 = shuffle_lookup(table, words)
+        d3 = shuffle_lookup(table, words >> 8)
+        d5 = shuffle_lookup(table, words >> 16)
+        d7 = shuffle_lookup(table, words >> 24)
+    else:
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(_decode(table, _codes(words), SHUFFLE))
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x[None, :, :, :])
+    dots = d0 * x0
+    dots += d1 * x1
+    dots += d2 * x2
+    dots += d3 * x3
+    dots += d4 * x4
+    dots += d5 * x5
+    dots += d6 * x6
+    dots += d7 * x7
+    return dots
+
+
+@triton.jit
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
     N, K, stride_w,
+    packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
+    packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
+    MIXED: tl.constexpr, PREFETCH: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
     # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
-    # that slice in steps of BLOCK_K columns.
+    # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is the row-concatenation of
+    # that many NF4 weights of K columns (sibling linears of one input, e.g. q, k and v): the first
+    # cdiv(N, BLOCK_N) programs take the first weight's rows, the next ones the second's, and all
+    # write into one output row [N + N1 + N2].
     BLOCK_K: tl.constexpr = GROUPS * SUB
     WORDS: tl.constexpr = SUB // 8
     pid_k = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    tile = tl.program_id(0)
+    out_row0 = 0
+    n_rows = N
+    if WEIGHTS > 1:
+        out_row0 = tile * 0
+        n_rows = N + out_row0  # a tensor even where Triton made N a constant (N == 1): branches reassign it
+        if tile >= tl.cdiv(N, BLOCK_N):
+            tile -= tl.cdiv(N, BLOCK_N)
+            out_row0 += N
+            n_rows = N1 + tile * 0
+            packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr
+            if WEIGHTS > 2:
+                if tile >= tl.cdiv(N1, BLOCK_N):
+                    tile -= tl.cdiv(N1, BLOCK_N)
+                    out_row0 += N1
+                    n_rows = N2 + tile * 0
+                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
     g_col = tl.arange(0, GROUPS) * SUB
     x_col = g_col[:, None, None] + tl.arange(0, WORDS)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     table = _codebook(code_ptr, SHUFFLE)
+    smem_table = _codebook(code_ptr, False)  # read by MIXED lookups only
     # Partial sums per word, reduced across threads once after the loop, not every step. Scales
     # multiply each word's dot product, not each weight.
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
-    # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
-    for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K, num_stages=NUM_STAGES):
-        words, scale = _load_tile(
-            packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-            rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+    if PREFETCH:
+        # Double buffering in registers: the next step's loads are issued before this step decodes,
+        # so every thread keeps a step of HBM reads in flight while it computes, without staging
+        # through shared memory (whose pipe the lookups use). Where the tiles divide W (EVEN: no
+        # masks) the last step re-reads its own tile instead of reading past W.
+        k_last = (K // BLOCK_K - 1) * BLOCK_K if EVEN else K  # a multiple of BLOCK_K: 16-byte loads
+        k_first = tl.minimum(k_start, k_last)
+        words, part, nested = _load_tile_parts(
+            packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_first, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB,
+            EVEN,
         )
-        x = masked_load(x_ptr + k0 + x_col, (k0 + g_col < K)[:, None, None], 0.0, EVEN).to(tl.float32)
-        acc += tl.sum(_decode(table, _codes(words), SHUFFLE) * x[None, :, :, :], axis=3) * scale[:, :, None]
+        x = masked_load(x_ptr + k_first + x_col, (k_first + g_col < K)[:, None, None], 0.0, EVEN)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):
+            k_next = tl.minimum(k0 + BLOCK_K, k_last)
+            next_words, next_part, next_nested = _load_tile_parts(
+                packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_next, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS,
+                SUB, EVEN,
+            )
+            next_x = masked_load(x_ptr + k_next + x_col, (k_next + g_col < K)[:, None, None], 0.0, EVEN)
+            scale = resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+            acc += _word_dots(table, smem_table, words, x.to(tl.float32), SHUFFLE, MIXED) * scale[:, :, None]
+            words, part, nested, x = next_words, next_part, next_nested, next_x
+    else:
+        # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            words, scale = _load_tile(
+                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+            )
+            x = masked_load(x_ptr + k0 + x_col, (k0 + g_col < K)[:, None, None], 0.0, EVEN).to(tl.float32)
+            acc += _word_dots(table, smem_table, words, x, SHUFFLE, MIXED) * scale[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         out += tl.where(pid_k == 0, bias, 0.0)
     if SPLIT_K == 1:
-        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptr + out_row0 + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
-        tl.atomic_add(out_ptr + rows, out, mask=row_mask, sem="relaxed")
+        tl.atomic_add(out_ptr + out_row0 + rows, out, mask=row_mask, sem="relaxed")
 
 
 # BLOCK_N rows x BLOCK_K columns per step. Triton lays a [BLOCK_N, BLOCK_K / 8] tile of words out as
@@ -186,24 +313,50 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle"),
     dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle"),
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="shuffle"),
+    # "prefetch": the next step's codes loaded into registers while this one decodes (a step of loads
+    # always in flight per thread, for 16-32 more registers). "mixed": half the codes by shuffles, half
+    # from shared memory (see _word_dots).
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed"),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
 ]
 
 
-def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config):
-    """Launch wrapper: x2 [1, K] @ W.T (+ bias) -> [1, N] in x2.dtype."""
+def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
+    """Launch wrapper: x2 [1, K] @ W.T (+ bias) -> [1, N] in x2.dtype. ``siblings``: up to two more
+    weights of K columns, each (packed, absmax, nested_absmax, offset, rows, bias) in W's scale format and
+    with a bias where W has one, whose outputs follow W's in one row [1, N + rows1 + rows2]."""
     assert x2.shape[0] == 1, "the gemv kernel serves one row of activations"
-    split_k = config["SPLIT_K"]
-    out = _output(1, N, x2, split_k)
+    assert len(siblings) <= 2, "the gemv kernel reads at most three weights"
+    split_k, block_n = config["SPLIT_K"], config["BLOCK_N"]
+    n_total = N + sum(w[4] for w in siblings)
+    out = _output(1, n_total, x2, split_k)
     code, dyn = lookup_tables(x2.device)
     sub = min(config["BLOCK_K"], block_size)
-    grid = (-(-N // config["BLOCK_N"]), split_k)
+    grid = (sum(-(-n // block_n) for n in (N, *(w[4] for w in siblings))), split_k)
+    sibling_args = []
+    for sibling_packed, sibling_absmax, sibling_nested, sibling_offset, rows, sibling_bias in siblings:
+        sibling_args += [sibling_packed, sibling_absmax, *_nested_args(sibling_absmax, sibling_nested, sibling_offset),
+                         sibling_bias if sibling_bias is not None else out, rows]
+    sibling_args += [packed, absmax, absmax, absmax, out, 0] * (2 - len(siblings))  # slots the kernel never reads
     _nf4_gemv_kernel[grid](
         x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
-        bias if bias is not None else out, out, N, K, K // 8,
+        bias if bias is not None else out, out, N, K, K // 8, *sibling_args,
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config["BLOCK_N"], GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k,
-        NUM_STAGES=config["num_stages"], EVEN=N % config["BLOCK_N"] == 0 and K % config["BLOCK_K"] == 0,
-        SHUFFLE=_shuffle(config), num_warps=config["num_warps"],
+        BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
+        EVEN=all(n % block_n == 0 for n in (N, *(w[4] for w in siblings))) and K % config["BLOCK_K"] == 0,
+        SHUFFLE=_shuffle(config), MIXED=_shuffle(config) and config["lookup"] == "mixed",
+        PREFETCH=config.get("prefetch", False), WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -325,9 +478,9 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _shuffle(config) -> bool:
-    # Configs with "lookup": "shuffle" decode by warp shuffles, which run no PTX in the interpreter:
-    # there they take the shared-memory lookup (the same values).
-    return config.get("lookup") == "shuffle" and not INTERPRET
+    # Configs with "lookup": "shuffle" (or "mixed", gemv only) decode by warp shuffles, which run no
+    # PTX in the interpreter: there they take the shared-memory lookup (the same values).
+    return config.get("lookup") in ("shuffle", "mixed") and not INTERPRET
 
 
 def _nested_args(absmax, nested_absmax, offset):
@@ -415,12 +568,13 @@ DEQUANT_PLAN = {"path": "dequant"}
 
 
 def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
-    """Plans tuned on an H100 by bench/kernels.py --tune, used on H100s only."""
+    """Plans tuned by bench/nf4_kernels.py --tune on this device's chip, if shipped."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if name not in _SHIPPED:
         plans = {}
-        if "H100" in name and TUNED_CONFIGS.exists():
-            for entry in json.loads(TUNED_CONFIGS.read_text())["plans"]:
+        path = tuned_configs(gpu_chip(name))
+        if device.type == "cuda" and path.exists():
+            for entry in json.loads(path.read_text())["plans"]:
                 key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])
                 plans[key] = {k: entry[k] for k in ("path", "config") if k in entry}
         _SHIPPED[name] = plans
@@ -429,16 +583,22 @@ def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
 
 def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # A bucket that was not tuned borrows the plan of the nearest tuned bucket of the same shape,
-    # if that plan can serve this M and dtype.
+    # if that plan can serve this M and dtype. An untuned shape at M = 1 (a sibling group's rows
+    # together, another model's widths) borrows the gemv plan of the tuned shape with its K and the
+    # nearest N: any gemv config serves any shape, and a tuned one beat the defaults on every shape.
     x_at_w, N, K, bucket = key
-    usable = []
+    usable, gemv_of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
-        if (xw, n, k) != (x_at_w, N, K):
+        if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and M > GEMV_MAX_M):
             continue
-        if (plan["path"] == "gemv" and M > GEMV_MAX_M) or (plan["path"] == "mm" and dtype not in _TL_DTYPES):
-            continue
-        usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
-    return min(usable, key=lambda t: t[:2])[2] if usable else None
+        if n != N:
+            if plan["path"] == "gemv":
+                gemv_of_width.append((abs(math.log(n / N)), n, plan))
+        elif plan["path"] != "mm" or dtype in _TL_DTYPES:
+            usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
+    if usable:
+        return min(usable, key=lambda t: t[:2])[2]
+    return min(gemv_of_width, key=lambda t: t[:2])[2] if gemv_of_width else None
 
 
 def cuda_graph_us(calls: list) -> float:
@@ -571,4 +731,49 @@ def _linear_cuda(x, packed, absmax, nested_absmax, offset, block_size, out_featu
     return nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, x_at_w)
 
 
-register_linear_kernel("CUDA", _linear_cuda)
+register_kernel("linear", "CUDA", _linear_cuda)
+
+
+def group_plan(x2: torch.Tensor, N: int, K: int, block_size: int) -> dict:
+    """The plan of a sibling group: that of one weight of all its rows (shipped or default, never
+    tuned here: tuning times real weights of the shape)."""
+    key = (False, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)
+    plan = _PLANS.get(key)
+    if plan is None:
+        with _PLAN_LOCK:
+            plan = _nearest_shipped(key[:4], x2.shape[0], x2.dtype, x2.device) or default_plan(
+                x2.shape[0], N, K, False, x2.dtype, x2.device)
+            plan = _PLANS.setdefault(key, plan)
+    return plan
+
+
+def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
+    """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): for one row of
+    activations and two or three weights of one scale format, one gemv launch over all of them; else
+    each linear on its own path, outputs concatenated. ``plan`` forces the gemv's config."""
+    check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
+    K = in_features
+    weights = list(zip(packed, absmax, nested_absmax, offset, out_features, bias))
+    if x.dim() and x.shape[-1] == K and x.numel() == K and 2 <= len(weights) <= 3 and K % block_size == 0:
+        first = weights[0]
+        one_format = all((w[2] is None) == (first[2] is None) and (w[5] is None) == (first[5] is None) for w in weights)
+        servable = x.dtype in (torch.float16, torch.bfloat16, torch.float32) and all(
+            p.device == x.device and p.data_ptr() % 4 == 0 and well_formed(p, a, n, o, block_size, rows * K)
+            and (b is None or (b.shape == (rows,) and b.device == x.device and b.dtype in ACTIVATION_DTYPES))
+            for p, a, n, o, rows, b in weights
+        )
+        x2 = x.reshape(1, K)
+        plan = plan or group_plan(x2, sum(out_features), K, block_size)
+        if one_format and servable and plan["path"] == "gemv":
+            flat = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
+            out = nf4_gemv(x2.contiguous(), *flat[0][:4], block_size, flat[0][4], K, flat[0][5], plan["config"],
+                           siblings=flat[1:])
+            return out.view(*x.shape[:-1], out.shape[-1])
+    return torch.cat([nf4_linear(x, p, a, n, o, block_size, rows, K, b) for p, a, n, o, rows, b in weights], dim=-1)
+
+
+def _linear_group_cuda(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias):
+    return nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias)
+
+
+register_kernel("linear_group", "CUDA", _linear_group_cuda)

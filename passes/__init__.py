@@ -2,16 +2,20 @@
 
 - ``FuseDequantMatmul``: ``nf4compile.dequantize -> views -> mm/addmm/bmm/linear/matmul`` becomes one
   ``nf4compile.linear``.
+- ``GroupSiblingLinears``: ``nf4compile.linear`` calls on one single-row input (q, k, v; gate, up) become
+  one ``nf4compile.linear_group`` (one GEMV launch at decode), inside Inductor.
 - ``KeepSensitiveBF16``: sensitive layers never compute from NF4 (dense constants in exported programs,
   left unfused with a warning inside torch.compile).
 - ``RecomputeDequantize``: training graphs recompute ``dequantize`` in the backward instead of saving the
   dense weight (Inductor's joint-graph hook, ``NF4JointPassManager``).
-- ``NF4PassManager`` runs the first two, in Inductor's post-grad hook (``register_inductor_passes``, done by
-  ``quantize()``/``load()``) or on an exported program (``apply``).
+- ``NF4PassManager`` runs KeepSensitiveBF16, FuseDequantMatmul and GroupSiblingLinears in Inductor's
+  post-grad hook (``register_inductor_passes``, done by ``quantize()``/``load()``); ``apply`` runs the first
+  two on an exported program.
 """
 
 from nf4compile.passes.backend import nf4compile_backend
 from nf4compile.passes.fuse_dequant_matmul import FuseDequantMatmul
+from nf4compile.passes.group_sibling_linears import GroupSiblingLinears
 from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
 from nf4compile.passes.manager import (
     NF4JointPassManager, NF4PassManager, PassOptions, apply, register_for_model, register_inductor_passes,
@@ -21,6 +25,7 @@ from nf4compile.passes.recompute_dequantize import RecomputeDequantize
 
 __all__ = [
     "FuseDequantMatmul",
+    "GroupSiblingLinears",
     "KeepSensitiveBF16",
     "NF4JointPassManager",
     "NF4PassManager",

@@ -29,6 +29,7 @@ from torch.export import ExportedProgram
 from torch.fx import Graph
 
 from nf4compile.passes.fuse_dequant_matmul import FuseDequantMatmul
+from nf4compile.passes.group_sibling_linears import GroupSiblingLinears
 from nf4compile.passes.keep_sensitive_bf16 import KeepSensitiveBF16
 from nf4compile.passes.program import copy_program
 from nf4compile.passes.recompute_dequantize import RecomputeDequantize
@@ -45,6 +46,11 @@ def fuse_enabled(fuse: bool = True) -> bool:
     return fuse and os.environ.get("NF4COMPILE_FUSE", "1") != "0"
 
 
+def group_enabled() -> bool:
+    """``NF4COMPILE_GROUP=0`` leaves sibling linears ungrouped (to benchmark both)."""
+    return os.environ.get("NF4COMPILE_GROUP", "1") != "0"
+
+
 @dataclass(frozen=True)
 class PassOptions:
     """fuse: rewrite dequantize + matmul into nf4compile.linear. sensitive: {module name or pattern: why}."""
@@ -53,11 +59,12 @@ class PassOptions:
     sensitive: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SENSITIVE))
 
     def key(self) -> str:
-        return repr((fuse_enabled(self.fuse), sorted(self.sensitive.items())))
+        return repr((fuse_enabled(self.fuse), group_enabled(), sorted(self.sensitive.items())))
 
 
 class NF4PassManager(CustomGraphPass):
-    """KeepSensitiveBF16 then FuseDequantMatmul, after ``user_pass`` (the one that was in the hook)."""
+    """KeepSensitiveBF16, FuseDequantMatmul then GroupSiblingLinears, after ``user_pass`` (the one that was
+    in the hook)."""
 
     def __init__(self, options: PassOptions = PassOptions(), user_pass: Any = None):
         self.options = options
@@ -70,6 +77,8 @@ class NF4PassManager(CustomGraphPass):
         self.keep_sensitive(graph)
         if fuse_enabled(self.options.fuse):
             FuseDequantMatmul()(graph)
+            if group_enabled():
+                GroupSiblingLinears()(graph)
         graph.lint()
 
     def uuid(self) -> Optional[bytes]:

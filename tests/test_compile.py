@@ -20,6 +20,7 @@ from nf4compile.passes import NF4JointPassManager, NF4PassManager, PassOptions, 
 from graph_utils import show, tiny_llama
 
 LINEAR = "torch.ops.nf4compile.linear.default"
+LINEAR_GROUP = "torch.ops.nf4compile.linear_group.default"
 DEQUANTIZE = "torch.ops.nf4compile.dequantize.default"
 bf16 = torch.bfloat16
 
@@ -223,13 +224,16 @@ def test_freezing_does_not_fold_the_weights_back_to_dense():
     assert code.count(LINEAR + "(") == 2 and DEQUANTIZE not in code
 
 
-def test_llama_compiles_to_fused_ops_only():
+@pytest.mark.parametrize("shape,linears,groups", [((2, 7), 7, 0), ((1, 1), 2, 2)], ids=["prefill", "decode"])
+def test_llama_compiles_to_fused_ops_only(shape, linears, groups):
+    # Prefill: q, k, v, o, gate, up and down fused one by one; lm_head stays bf16. Decode (one row):
+    # q, k, v in one nf4compile.linear_group, gate and up in another, o and down alone.
     model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 7))
+    ids = torch.randint(0, 128, shape)
     with torch.no_grad():
         out, (code,) = run_and_get_code(torch.compile(model, fullgraph=True), ids)
         torch.testing.assert_close(out.logits, model(ids).logits, rtol=0.05, atol=0.05)
-    assert code.count(LINEAR + "(") == 7, "q, k, v, o, gate, up, down; lm_head stays bf16"
+    assert code.count(LINEAR + "(") == linears and code.count(LINEAR_GROUP + "(") == groups
     assert DEQUANTIZE not in code
 
 
@@ -244,5 +248,5 @@ def test_llama_decodes_with_cuda_graphs():
         for _ in range(3):  # recorded, then replayed
             out = compiled(ids)
         torch.testing.assert_close(out.logits, model(ids).logits, rtol=0.05, atol=0.05)
-    assert code.count(LINEAR + "(") == 7 and DEQUANTIZE not in code
+    assert code.count(LINEAR_GROUP + "(") == 2 and code.count(LINEAR + "(") == 2 and DEQUANTIZE not in code
     assert counters["inductor"]["cudagraph_skips"] == 0

@@ -274,8 +274,10 @@ def _tensor_parallel(rank: int, device: torch.device) -> None:
         actual, code = run_and_get_code(_decode, model, prompt, 4, compiled)
     assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
     assert torch.equal(actual.argmax(-1), expected.argmax(-1))
-    code = "".join(code)  # every NF4 shard fused: 7 linears, no dequantize left
-    assert code.count("torch.ops.nf4compile.linear.default(") == len(PROJECTIONS), code.count("nf4compile.linear")
+    # Every NF4 shard fused, no dequantize left; one row: q, k, v and gate, up grouped, o and down alone.
+    code = "".join(code)
+    linears, groups = code.count("torch.ops.nf4compile.linear.default("), code.count("torch.ops.nf4compile.linear_group.default(")
+    assert (linears, groups) == (2, 2), (linears, groups)
     assert "torch.ops.nf4compile.dequantize.default(" not in code
 
 

@@ -30,6 +30,21 @@ def test_opcheck_linear(double_quant, x_at_w, batch):
     opcheck(ops.linear.default, (x,) + weight_args(q) + (24, 40, bias, x_at_w))
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("batch", [(1,), (2, 3)])
+def test_opcheck_linear_group(double_quant, batch):
+    qs = [to_nf4(torch.randn(n, 40), 32, double_quant) for n in (24, 8, 16)]
+    x = torch.randn(*batch, 40)
+    biases = [torch.randn(24), None, torch.randn(16)]
+    lists = [list(parts) for parts in zip(*(weight_args(q)[:4] for q in qs))]
+    # Inference only (the pass makes it in graphs autograd is done with): no gradient check.
+    opcheck(ops.linear_group.default, (x, *lists, 32, [24, 8, 16], 40, biases),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    out = ops.linear_group(x, *lists, 32, [24, 8, 16], 40, biases)
+    separate = [ops.linear(x, *weight_args(q), n, 40, b, False) for q, n, b in zip(qs, (24, 8, 16), biases)]
+    assert torch.equal(out, torch.cat(separate, dim=-1))
+
+
 def test_opcheck_quantize():
     opcheck(ops.quantize.default, (torch.randn(17, 33), 64))
 

@@ -25,6 +25,7 @@ def test_wheel_contains_only_nf4compile_and_imports_from_it(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"nf4compile", wheel.name.split("-py3")[0] + ".dist-info"}
     assert "nf4compile/ops/nf4_ops.py" in names and "nf4compile/passes/__init__.py" in names
+    assert "nf4compile/ops/tuned_configs_h100.json" in names  # package data: the shipped kernel plans
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)

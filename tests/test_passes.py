@@ -1,4 +1,4 @@
-"""FuseDequantMatmul and KeepSensitiveBF16 on exported graphs: the printed graph before and after each pass.
+"""FuseDequantMatmul, GroupSiblingLinears and KeepSensitiveBF16 on exported graphs: the printed graph before and after each pass.
 
 Exported programs are the cheapest way to get the graphs the passes see (torch.compile's post-grad graphs
 have the same ``dequantize -> permute -> mm/addmm`` shape; test_compile.py checks those end to end).
@@ -13,7 +13,7 @@ from torch import nn
 
 import nf4compile
 from nf4compile import passes
-from nf4compile.passes import FuseDequantMatmul, KeepSensitiveBF16, module_name
+from nf4compile.passes import FuseDequantMatmul, GroupSiblingLinears, KeepSensitiveBF16, module_name
 from graph_utils import count, llama_program, show
 from helpers import TinyLM
 
@@ -266,6 +266,59 @@ mm = aten.mm(view_27, permute_7)""")
         graph = ep.graph_module.graph
         assert FuseDequantMatmul()(graph) == 1
         assert FuseDequantMatmul()(graph) == 0
+
+
+class Siblings(nn.Module):
+    """q, k and v on one normalized input, a fourth sibling, and a linear on another input."""
+
+    def __init__(self, bias_on_k=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.q, self.k, self.v, self.g = nn.Linear(64, 64, bias=False), nn.Linear(64, 32, bias=bias_on_k), nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False)
+        self.o = nn.Linear(64, 48, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h), self.k(h), self.v(h), self.g(h), self.o(x)
+
+
+def grouped_program(x, **kwargs):
+    model = nf4compile.quantize(Siblings(**kwargs).to(bf16))
+    ep = fused(exported(model, x))
+    return model, ep, GroupSiblingLinears()(ep.graph_module.graph)
+
+
+class TestGroupSiblingLinears(expecttest.TestCase):
+    def test_one_row_siblings_become_groups_of_at_most_three(self):
+        x = torch.randn(1, 1, 64, dtype=bf16)
+        model, ep, grouped = grouped_program(x)
+        assert grouped == 3  # q, k, v: one group of three; g (a fourth sibling) and o (on x) stay alone
+        ep.graph_module.recompile()
+        self.assertExpectedInline(show(ep.graph), """\
+inputs: p_norm_weight, p_norm_bias, p_q_weight0, p_q_weight1, p_q_weight2, p_q_weight3, p_k_weight0, p_k_weight1, p_k_weight2, p_k_weight3, p_v_weight0, p_v_weight1, p_v_weight2, p_v_weight3, p_g_weight0, p_g_weight1, p_g_weight2, p_g_weight3, p_o_weight0, p_o_weight1, p_o_weight2, p_o_weight3, x
+native_layer_norm = aten.native_layer_norm(x, [64], p_norm_weight, p_norm_bias, 1e-05)
+getitem = <built-in function getitem>(native_layer_norm, 0)
+view = aten.view(getitem, [1, 64])
+nf4_linear_group = nf4compile.linear_group(view, [p_q_weight0, p_k_weight0, p_v_weight0], [p_q_weight1, p_k_weight1, p_v_weight1], [p_q_weight2, p_k_weight2, p_v_weight2], [p_q_weight3, p_k_weight3, p_v_weight3], 64, [64, 32, 32], 64, [None, None, None])
+slice_tensor = aten.slice.Tensor(nf4_linear_group, -1, 0, 64)
+slice_tensor_1 = aten.slice.Tensor(nf4_linear_group, -1, 64, 96)
+slice_tensor_2 = aten.slice.Tensor(nf4_linear_group, -1, 96, 128)
+view_1 = aten.view(slice_tensor, [1, 1, 64])
+view_2 = aten.view(slice_tensor_1, [1, 1, 32])
+view_3 = aten.view(slice_tensor_2, [1, 1, 32])
+view_4 = aten.view(getitem, [1, 64])
+nf4_linear = nf4compile.linear(view_4, p_g_weight0, p_g_weight1, p_g_weight2, p_g_weight3, 64, 16, 64, None, False)
+view_5 = aten.view(nf4_linear, [1, 1, 16])
+view_6 = aten.view(x, [1, 64])
+nf4_linear_1 = nf4compile.linear(view_6, p_o_weight0, p_o_weight1, p_o_weight2, p_o_weight3, 64, 48, 64, None, False)
+view_7 = aten.view(nf4_linear_1, [1, 1, 48])
+return [view_1, view_2, view_3, view_5, view_7]""")
+        for got, want in zip(ep.module()(x), model(x)):  # the CPU op is each linear's, concatenated
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def test_siblings_differing_in_bias_or_with_more_rows_stay_apart(self):
+        assert grouped_program(torch.randn(1, 1, 64, dtype=bf16), bias_on_k=True)[2] == 3  # q, v and g
+        assert grouped_program(torch.randn(1, 2, 64, dtype=bf16))[2] == 0  # two rows: prefill keeps one GEMM each
 
 
 class TestKeepSensitiveBF16(expecttest.TestCase):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def test_dequantize_empty():
 GEMV = {"path": "gemv", "config": dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)}
 GEMV_SPLIT = {"path": "gemv", "config": dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2)}
 GEMV_SHUFFLE = {"path": "gemv", "config": {**GEMV["config"], "lookup": "shuffle"}}
+GEMV_PREFETCH = {"path": "gemv", "config": {**GEMV["config"], "num_stages": 1, "prefetch": True}}
+GEMV_PREFETCH_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "num_stages": 1, "prefetch": True}}
+GEMV_MIXED = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "mixed"}}
 MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
@@ -125,9 +129,12 @@ def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=F
     assert rel_err(out, ref) < limit
 
 
-# The shuffle plans decode by warp shuffles on a GPU and by the shared-memory lookup in the
+# The shuffle and mixed plans decode by warp shuffles on a GPU and by the shared-memory lookup in the
 # interpreter (no PTX there): under the interpreter they check the plumbing, on a GPU the shuffles.
-@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE], ids=["gemv", "gemv-splitk", "gemv-shuffle"])
+@pytest.mark.parametrize(
+    "plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE, GEMV_PREFETCH, GEMV_PREFETCH_SPLIT, GEMV_MIXED],
+    ids=["gemv", "gemv-splitk", "gemv-shuffle", "gemv-prefetch", "gemv-prefetch-splitk", "gemv-mixed"],
+)
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv(plan, N, K, block_size, double_quant, bias):
@@ -137,6 +144,51 @@ def test_gemv(plan, N, K, block_size, double_quant, bias):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gemv_dtypes(dtype):
     _check_linear(GEMV, 40, 192, 64, True, 1, dtype, bias=True)
+
+
+# Sibling groups: (rows of each weight, K, block_size, double_quant); rows not multiples of the tile
+# and one of a single row, and (32, 32, 64) x 256 where every tile divides (EVEN).
+GROUP_CASES = [((40, 24, 8), 192, 64, True), ((37, 1), 96, 32, False), ((32, 32, 64), 256, 64, True)]
+
+
+def _group(rows, K, block_size, double_quant, dtype, bias):
+    made = [make_weight(n, K, block_size, double_quant) for n in rows]
+    nf4 = [list(parts) for parts in zip(*(m[0] for m in made))]  # packed, absmax, nested, offset: one list each
+    biases = [torch.randn(n, device=DEVICE, dtype=dtype) if bias else None for n in rows]
+    ref_weight = torch.cat([m[1] for m in made])
+    ref_bias = torch.cat([b.double() for b in biases]) if bias else 0
+    return nf4, biases, ref_weight, ref_bias
+
+
+@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED], ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed"])
+@pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_group_is_one_launch_over_the_weights(plan, rows, K, block_size, double_quant, bias, monkeypatch):
+    nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, bias)
+    x = torch.randn(1, 1, K, device=DEVICE).to(torch.bfloat16)
+    monkeypatch.setattr(triton_linear, "nf4_linear", None)  # the one-by-one fallback would fail
+    out = triton_linear.nf4_linear_group(x, *nf4, block_size, list(rows), K, biases, plan=plan)
+    ref = x.double() @ ref_weight.T + ref_bias
+    assert out.shape == (1, 1, sum(rows)) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_linear_group_falls_back_to_one_linear_each(M):
+    # Weights of two scale formats (and M = 3 rows): each linear on its own path, outputs side by side.
+    made = [make_weight(40, 192, 64, True), make_weight(24, 192, 64, False)]
+    nf4 = [list(parts) for parts in zip(*(m[0] for m in made))]
+    x = torch.randn(M, 192, device=DEVICE).to(torch.bfloat16)
+    out = triton_linear.nf4_linear_group(x, *nf4, 64, [40, 24], 192, [None, None])
+    ref = x.double() @ torch.cat([m[1] for m in made]).T
+    assert out.shape == (M, 64) and rel_err(out, ref) < 1e-2
+
+
+def test_linear_group_refuses_lists_of_different_lengths():
+    (packed, absmax, nested, offset), _ = make_weight(40, 192, 64, True)
+    x = torch.randn(1, 192, device=DEVICE).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="same number of weights"):
+        triton_linear.nf4_linear_group(x, [packed, packed], [absmax], [nested], [offset], 64, [40], 192, [None])
 
 
 @pytest.mark.parametrize("plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE], ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle"])
@@ -217,10 +269,16 @@ def test_plan_is_cached():
     assert triton_linear.plan_for(*args) is triton_linear.plan_for(*args)
 
 
-def test_shipped_configs_are_candidates():
-    if not triton_linear.TUNED_CONFIGS.exists():
-        pytest.skip("no tuned configs shipped")
-    entries = json.loads(triton_linear.TUNED_CONFIGS.read_text())["plans"]
+def test_gpu_chip_names_the_shipped_file():
+    assert triton_linear.gpu_chip("NVIDIA H100 80GB HBM3") == "h100"
+    assert triton_linear.gpu_chip("NVIDIA H200") == "h200"
+    assert triton_linear.gpu_chip("NVIDIA A100-SXM4-80GB") == "a100"
+    assert triton_linear.tuned_configs("h100").exists()
+
+
+@pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
+def test_shipped_configs_are_candidates(path):
+    entries = json.loads(path.read_text())["plans"]
     assert entries
     for e in entries:
         candidates = triton_linear.candidate_plans(e["m_bucket"], e["x_at_w"], torch.bfloat16)
@@ -253,7 +311,7 @@ def test_llama_shapes_cuda(N, K, M, double_quant):
 @requires_cuda
 def test_every_candidate_plan_cuda(M, x_at_w):
     """Every plan the tuner may ship (both lookups), on a shape every tile divides: the kernels that
-    the Llama shapes of bench/kernels.py compile."""
+    the Llama shapes of bench/nf4_kernels.py compile."""
     N, K = 512, 2048
     (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
     x = torch.randn(M, N if x_at_w else K, device="cuda", dtype=torch.bfloat16)

@@ -1,6 +1,6 @@
 """NF4 linear kernels against bf16 cuBLAS and what users would pick instead, on one GPU, in one run.
 
-    python bench/kernels.py [--tune] [--out DIR] [--shapes 4096x4096,...] [--ms 1,4,...]
+    python bench/nf4_kernels.py [--tune] [--out DIR] [--shapes 4096x4096,...] [--ms 1,4,...]
 
 Methods per (N, K, M): bf16 F.linear (cuBLAS); unfused (our dequantize + cuBLAS); fused
 (torch.ops.nf4compile.linear, i.e. the dispatcher); bitsandbytes matmul_4bit (nf4, double quant, bf16
@@ -15,8 +15,11 @@ weight copies to overflow L2 three times (speedups then compare graph times); th
 cost (Python + dispatch) is reported separately. Bandwidth figures count the bytes a method must move (weights in its format, x, out) and
 compare them with a device-to-device copy measured in the same run.
 
+Sibling groups (M = 1): nf4compile.linear_group (one launch over q, k and v, or gate and up: what
+the GroupSiblingLinears pass makes of a decoder layer) against one nf4compile.linear per weight.
+
 --tune times every candidate plan of the dispatcher first (ops/triton_linear.py) and writes the
-winners as tuned_configs_h100.json into --out; without it the dispatcher uses the shipped plans.
+winners as tuned_configs_<chip>.json (e.g. _h100) into --out; without it the dispatcher uses the shipped plans.
 Writes <gpu>-<date><suffix>.json and .png into --out (default bench/results).
 """
 
@@ -222,6 +225,47 @@ def eager_overheads() -> dict:
     }
 
 
+# Sibling linears of one input, as GroupSiblingLinears groups them: (rows of each weight, K).
+SIBLING_GROUPS = [((4096, 4096, 4096), 4096), ((11008, 11008), 4096), ((4096, 1024, 1024), 4096), ((14336, 14336), 4096)]
+
+
+def bench_sibling_groups(groups, tune_group: bool) -> list:
+    """M = 1: one nf4compile.linear_group launch over sibling weights against one nf4compile.linear
+    each, CUDA-graph times over weight copies worth 3x L2. With tune_group, the group's plan is tuned
+    as that of one weight of all its rows (the same kernel work), and lands in the exported plans."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows = []
+    for sizes, K in groups:
+        weights = [NF4Weight(torch.randn(n, K, device="cuda", dtype=torch.bfloat16)) for n in sizes]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        x2 = x.reshape(1, K)
+        if tune_group:
+            stacked = NF4Weight(torch.randn(sum(sizes), K, device="cuda", dtype=torch.bfloat16))
+            triton_linear.tune_plan(x2, *stacked.args, BLOCK, sum(sizes), K, None, False)
+            del stacked
+        plan = triton_linear.group_plan(x2, sum(sizes), K, BLOCK)
+        copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / sum(w.nbytes() for w in weights)))
+        sets = [[w.copy() for w in weights] for _ in range(copies)]
+
+        def group_call(ws):
+            lists = [list(parts) for parts in zip(*(w.args for w in ws))]
+            return lambda: triton_linear.nf4_linear_group(x, *lists, BLOCK, list(sizes), K, [None] * len(ws))
+
+        separate = torch.cat([w.fused(x) for w in weights], dim=-1).double()
+        grouped = group_call(weights)().double()
+        rows.append({
+            "weights": " + ".join(f"{n}x{K}" for n in sizes),
+            "plan": plan,
+            "us_separate": graph_us(lambda i: (lambda ws=sets[i]: [w.fused(x) for w in ws]), copies),
+            "us_group": graph_us(lambda i: group_call(sets[i]), copies),
+            "rel_diff_vs_separate": ((grouped - separate).norm() / separate.norm()).item(),
+        })
+        rows[-1]["speedup"] = rows[-1]["us_separate"] / rows[-1]["us_group"]
+        print(json.dumps(rows[-1]), flush=True)
+        del sets, weights
+    return rows
+
+
 def export_plans(path: Path, meta: dict) -> None:
     plans = [
         {"x_at_w": xw, "N": n, "K": k, "m_bucket": b, **plan}
@@ -313,7 +357,12 @@ def main() -> None:
         # Written after every shape: a run cut short (a device lease's time limit) keeps what it measured.
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         if args.tune:
-            export_plans(args.out / "tuned_configs_h100.json", {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+            export_plans(args.out / triton_linear.tuned_configs(triton_linear.gpu_chip(gpu)).name,
+                         {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+    result["sibling_groups"] = bench_sibling_groups(SIBLING_GROUPS, args.tune)
+    if args.tune:
+        export_plans(args.out / triton_linear.tuned_configs(triton_linear.gpu_chip(gpu)).name,
+                     {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
     result["eager_overhead"] = eager_overheads()
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
