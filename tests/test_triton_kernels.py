@@ -269,6 +269,22 @@ def test_plan_is_cached():
     assert triton_linear.plan_for(*args) is triton_linear.plan_for(*args)
 
 
+def test_untuned_shapes_borrow_only_gemv_plans_of_their_width(monkeypatch):
+    gemv_11008 = {"path": "gemv", "config": dict(GEMV_SHUFFLE["config"], BLOCK_N=32)}
+    gemv_14336 = {"path": "gemv", "config": dict(GEMV_SHUFFLE["config"], BLOCK_N=16)}
+    shipped = {
+        (False, 11008, 4096, 1): gemv_11008, (False, 14336, 4096, 1): gemv_14336,
+        (False, 14336, 4096, 16): MM, (False, 4096, 11008, 1): GEMV,
+    }
+    monkeypatch.setattr(triton_linear, "_shipped_plans", lambda device: shipped)
+    nearest = lambda key, M: triton_linear._nearest_shipped(key, M, torch.bfloat16, torch.device(DEVICE))
+    assert nearest((False, 12288, 4096, 1), 1) is gemv_11008  # q, k and v of Llama-2-7B: 12288 is nearer 11008
+    assert nearest((False, 28672, 4096, 1), 1) is gemv_14336  # gate and up of Llama-3-8B
+    assert nearest((False, 14336, 4096, 4), 4) is MM  # a tuned shape: its nearest tuned bucket
+    assert nearest((False, 12288, 4096, 16), 16) is None  # M > 1 on an untuned shape: the defaults
+    assert nearest((False, 12288, 2048, 1), 1) is None  # no tuned shape of that K
+
+
 def test_gpu_chip_names_the_shipped_file():
     assert triton_linear.gpu_chip("NVIDIA H100 80GB HBM3") == "h100"
     assert triton_linear.gpu_chip("NVIDIA H200") == "h200"
