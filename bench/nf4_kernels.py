@@ -243,7 +243,7 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
             stacked = NF4Weight(torch.randn(sum(sizes), K, device="cuda", dtype=torch.bfloat16))
             triton_linear.tune_plan(x2, *stacked.args, BLOCK, sum(sizes), K, None, False)
             del stacked
-        plan = triton_linear.group_plan(x2, sum(sizes), K, BLOCK)
+        plan = triton_linear.cached_plan(x2, sum(sizes), K, BLOCK, False)
         copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / sum(w.nbytes() for w in weights)))
         sets = [[w.copy() for w in weights] for _ in range(copies)]
 
@@ -350,6 +350,8 @@ def main() -> None:
     rows, tuning, checks = [], [], {}
     stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + "-" + meta["date"][:10] + args.suffix
     result = {**meta, "checks": checks, "rows": rows}
+    plans_path = args.out / triton_linear.tuned_configs(triton_linear.gpu_chip(gpu)).name
+    plans_meta = {k: meta[k] for k in ("gpu", "torch", "triton", "date")}
     if args.tune:
         result["tuning"] = tuning
     for N, K in shapes:
@@ -357,12 +359,10 @@ def main() -> None:
         # Written after every shape: a run cut short (a device lease's time limit) keeps what it measured.
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         if args.tune:
-            export_plans(args.out / triton_linear.tuned_configs(triton_linear.gpu_chip(gpu)).name,
-                         {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+            export_plans(plans_path, plans_meta)
     result["sibling_groups"] = bench_sibling_groups(SIBLING_GROUPS, args.tune)
-    if args.tune:
-        export_plans(args.out / triton_linear.tuned_configs(triton_linear.gpu_chip(gpu)).name,
-                     {k: meta[k] for k in ("gpu", "torch", "triton", "date")})
+    if args.tune:  # again: the groups' tuned plans
+        export_plans(plans_path, plans_meta)
     result["eager_overhead"] = eager_overheads()
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")

@@ -315,19 +315,16 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="shuffle"),
     # "prefetch": the next step's codes loaded into registers while this one decodes (a step of loads
     # always in flight per thread, for 16-32 more registers). "mixed": half the codes by shuffles, half
-    # from shared memory (see _word_dots).
-    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
-    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
-    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle", prefetch=True),
-    dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=1, lookup="shuffle", prefetch=True),
-    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="shuffle", prefetch=True),
+    # from shared memory (see _word_dots). Every prefetch tile with both lookups.
+    *[dict(tile, num_stages=1, lookup=lookup, prefetch=True) for lookup in ("shuffle", "mixed") for tile in (
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4),
+    )],
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, prefetch=True),
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed"),
-    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
-    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
-    dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
-    dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
-    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="mixed", prefetch=True),
     dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
 ]
 
@@ -339,11 +336,11 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     assert x2.shape[0] == 1, "the gemv kernel serves one row of activations"
     assert len(siblings) <= 2, "the gemv kernel reads at most three weights"
     split_k, block_n = config["SPLIT_K"], config["BLOCK_N"]
-    n_total = N + sum(w[4] for w in siblings)
-    out = _output(1, n_total, x2, split_k)
+    row_counts = (N, *(w[4] for w in siblings))
+    out = _output(1, sum(row_counts), x2, split_k)
     code, dyn = lookup_tables(x2.device)
     sub = min(config["BLOCK_K"], block_size)
-    grid = (sum(-(-n // block_n) for n in (N, *(w[4] for w in siblings))), split_k)
+    grid = (sum(-(-n // block_n) for n in row_counts), split_k)
     sibling_args = []
     for sibling_packed, sibling_absmax, sibling_nested, sibling_offset, rows, sibling_bias in siblings:
         sibling_args += [sibling_packed, sibling_absmax, *_nested_args(sibling_absmax, sibling_nested, sibling_offset),
@@ -354,7 +351,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         bias if bias is not None else out, out, N, K, K // 8, *sibling_args,
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
-        EVEN=all(n % block_n == 0 for n in (N, *(w[4] for w in siblings))) and K % config["BLOCK_K"] == 0,
+        EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=_shuffle(config), MIXED=_shuffle(config) and config["lookup"] == "mixed",
         PREFETCH=config.get("prefetch", False), WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
     )
@@ -651,6 +648,13 @@ def tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias,
 
 
 def plan_for(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w) -> dict:
+    return cached_plan(x2, N, K, block_size, x_at_w, lambda: tune_plan(
+        x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w))
+
+
+def cached_plan(x2, N, K, block_size, x_at_w, tune=None) -> dict:
+    """The plan for (x_at_w, N, K, M bucket, dtype, block size), chosen once: shipped, else tuned by
+    ``tune`` (a weight of this shape is timed; None: never), else the defaults."""
     M = x2.shape[0]
     key = (x_at_w, N, K, _m_bucket(M), x2.dtype, block_size)
     plan = _PLANS.get(key)
@@ -666,8 +670,9 @@ def plan_for(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
             plan = _nearest_shipped(key[:4], M, x2.dtype, x2.device)
         if plan is None:
             capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-            if os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET:
-                return tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
+            autotune = os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET
+            if tune is not None and autotune:
+                return tune()
             plan = default_plan(M, N, K, x_at_w, x2.dtype, x2.device)
         _PLANS[key] = plan
     return plan
@@ -695,15 +700,16 @@ def kernel_can_serve(plan: dict, x2: torch.Tensor, N: int, K: int, block_size: i
     )
 
 
+def _bias_fits(bias, out_dim: int, x: torch.Tensor) -> bool:
+    return bias is None or (bias.shape == (out_dim,) and bias.device == x.device and bias.dtype in ACTIVATION_DTYPES)
+
+
 def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias=None,
                x_at_w=False, plan=None):
     """``nf4compile.linear`` on CUDA tensors (any tensors under TRITON_INTERPRET=1); ``plan`` forces a path."""
     N, K = out_features, in_features
     red, out_dim = (N, K) if x_at_w else (K, N)
-    if (
-        x.dim() == 0 or x.shape[-1] != red or x.dtype not in ACTIVATION_DTYPES or x.device != packed.device
-        or (bias is not None and (bias.shape != (out_dim,) or bias.device != x.device or bias.dtype not in ACTIVATION_DTYPES))
-    ):
+    if x.dim() == 0 or x.shape[-1] != red or x.dtype not in ACTIVATION_DTYPES or x.device != packed.device or not _bias_fits(bias, out_dim, x):
         check_linear_args(x, packed, bias, N, K, x_at_w)  # raises
     if not well_formed(packed, absmax, nested_absmax, offset, block_size, N * K):
         check_scales(packed, absmax, nested_absmax, offset, block_size, N * K)
@@ -734,19 +740,6 @@ def _linear_cuda(x, packed, absmax, nested_absmax, offset, block_size, out_featu
 register_kernel("linear", "CUDA", _linear_cuda)
 
 
-def group_plan(x2: torch.Tensor, N: int, K: int, block_size: int) -> dict:
-    """The plan of a sibling group: that of one weight of all its rows (shipped or default, never
-    tuned here: tuning times real weights of the shape)."""
-    key = (False, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)
-    plan = _PLANS.get(key)
-    if plan is None:
-        with _PLAN_LOCK:
-            plan = _nearest_shipped(key[:4], x2.shape[0], x2.dtype, x2.device) or default_plan(
-                x2.shape[0], N, K, False, x2.dtype, x2.device)
-            plan = _PLANS.setdefault(key, plan)
-    return plan
-
-
 def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
     """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): for one row of
     activations and two or three weights of one scale format, one gemv launch over all of them; else
@@ -754,17 +747,17 @@ def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_f
     check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
     K = in_features
     weights = list(zip(packed, absmax, nested_absmax, offset, out_features, bias))
-    if x.dim() and x.shape[-1] == K and x.numel() == K and 2 <= len(weights) <= 3 and K % block_size == 0:
-        first = weights[0]
-        one_format = all((w[2] is None) == (first[2] is None) and (w[5] is None) == (first[5] is None) for w in weights)
-        servable = x.dtype in (torch.float16, torch.bfloat16, torch.float32) and all(
-            p.device == x.device and p.data_ptr() % 4 == 0 and well_formed(p, a, n, o, block_size, rows * K)
-            and (b is None or (b.shape == (rows,) and b.device == x.device and b.dtype in ACTIVATION_DTYPES))
-            for p, a, n, o, rows, b in weights
-        )
+    if x.dim() and x.shape[-1] == K and x.numel() == K and 2 <= len(weights) <= 3:
         x2 = x.reshape(1, K)
-        plan = plan or group_plan(x2, sum(out_features), K, block_size)
-        if one_format and servable and plan["path"] == "gemv":
+        # The plan of one weight of all the group's rows (shipped or default: never tuned from here).
+        plan = plan or cached_plan(x2, sum(out_features), K, block_size, False)
+        first = weights[0]
+        if plan["path"] == "gemv" and all(
+            (n is None) == (first[2] is None) and (b is None) == (first[5] is None)  # one scale format and bias use
+            and p.device == x.device and p.data_ptr() % 4 == 0 and well_formed(p, a, n, o, block_size, rows * K)
+            and _bias_fits(b, rows, x) and kernel_can_serve(plan, x2, rows, K, block_size, False)
+            for p, a, n, o, rows, b in weights
+        ):
             flat = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
             out = nf4_gemv(x2.contiguous(), *flat[0][:4], block_size, flat[0][4], K, flat[0][5], plan["config"],
                            siblings=flat[1:])

@@ -35,9 +35,11 @@ class GroupSiblingLinears:
 
     def __call__(self, graph: Graph) -> int:
         order = {node: i for i, node in enumerate(graph.nodes)}
+        linears = graph.find_nodes(op="call_function", target=torch.ops.nf4compile.linear.default)
+        args = {node: bound_args(node) for node in linears}
         siblings = defaultdict(list)
-        for node in graph.find_nodes(op="call_function", target=torch.ops.nf4compile.linear.default):
-            key = _sibling_key(node)
+        for node, node_args in args.items():
+            key = _sibling_key(node, node_args)
             if key is not None:
                 siblings[key].append(node)
         grouped = 0
@@ -45,15 +47,15 @@ class GroupSiblingLinears:
             nodes.sort(key=order.__getitem__)
             for start in range(0, len(nodes), MAX_GROUP):
                 chunk = nodes[start:start + MAX_GROUP]
-                if len(chunk) > 1 and _inputs_precede(chunk, order):
-                    _group(graph, chunk)
+                chunk_args = [args[node] for node in chunk]
+                if len(chunk) > 1 and _inputs_precede(chunk_args, order[chunk[0]], order):
+                    _group(graph, chunk, chunk_args)
                     grouped += len(chunk)
         return grouped
 
 
-def _sibling_key(node: Node):
+def _sibling_key(node: Node, args: dict):
     """What linears must share to be grouped, or None if this one cannot be."""
-    args = bound_args(node)
     x, out = args["x"].meta.get("val"), node.meta.get("val")
     if args["x_at_w"] or x is None or out is None:
         return None
@@ -68,19 +70,15 @@ def _sibling_key(node: Node):
             args["nested_absmax"] is None, args["bias"] is None)
 
 
-def _inputs_precede(chunk: list[Node], order: dict) -> bool:
+def _inputs_precede(chunk_args: list[dict], first: int, order: dict) -> bool:
     """Whether every weight and bias of the chunk exists before its first linear (where the group goes)."""
-    first = order[chunk[0]]
-    for node in chunk:
-        args = bound_args(node)
-        for name in (*_NF4_ARGS, "bias"):
-            if isinstance(args[name], Node) and order[args[name]] > first:
-                return False
-    return True
+    return not any(
+        isinstance(args[name], Node) and order[args[name]] > first
+        for args in chunk_args for name in (*_NF4_ARGS, "bias")
+    )
 
 
-def _group(graph: Graph, chunk: list[Node]) -> None:
-    args = [bound_args(node) for node in chunk]
+def _group(graph: Graph, chunk: list[Node], args: list[dict]) -> None:
     rows = [a["out_features"] for a in args]
     with graph.inserting_before(chunk[0]):
         group = graph.create_node(
