@@ -10,6 +10,7 @@ order; measured 4e-7), every greedy token equal.
 """
 
 import copy
+import faulthandler
 import importlib.util
 import json
 import os
@@ -291,6 +292,7 @@ def _bench_small(tmp: Path) -> None:
 
 
 def _worker(rank: int, port: int, tmp: str, backend: str = "gloo") -> None:
+    faulthandler.enable()  # a worker that crashes prints its Python stack into the test's captured stderr
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -315,10 +317,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
-    """One spawn of 2 gloo processes for every check below (their assertions run in the workers)."""
-    tmp = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD)
-    return tmp
+    """One spawn of 2 gloo processes for every check below (their assertions run in the workers).
+
+    A worker killed by a signal gets one more spawn: once in five CI runs (2026-12-07) a gloo worker died of
+    SIGSEGV 8 s into its run (the FSDP2 QLoRA check runs first), not reproduced in the runs after it; its stack (faulthandler) is in the
+    captured stderr. A failed assertion, or a second crash, fails the tests."""
+    for attempt in range(2):
+        tmp = tmp_path_factory.mktemp("distributed")
+        try:
+            mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD)
+            return tmp
+        except mp.ProcessExitedException as e:
+            if e.signal_name is None or attempt:
+                raise
+            print(f"gloo worker {e.error_index} died of {e.signal_name}; spawning again", flush=True)
 
 
 @pytest.mark.slow
