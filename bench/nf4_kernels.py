@@ -238,12 +238,11 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
     for sizes, K in groups:
         weights = [NF4Weight(torch.randn(n, K, device="cuda", dtype=torch.bfloat16)) for n in sizes]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        x2 = x.reshape(1, K)
         if tune_group:
             stacked = NF4Weight(torch.randn(sum(sizes), K, device="cuda", dtype=torch.bfloat16))
-            triton_linear.tune_plan(x2, *stacked.args, BLOCK, sum(sizes), K, None, False)
+            triton_linear.tune_plan(x, *stacked.args, BLOCK, sum(sizes), K, None, False)
             del stacked
-        plan = triton_linear.cached_plan(x2, sum(sizes), K, BLOCK, False)
+        plan = triton_linear.cached_plan(x, sum(sizes), K, BLOCK, False)
         copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / sum(w.nbytes() for w in weights)))
         sets = [[w.copy() for w in weights] for _ in range(copies)]
 

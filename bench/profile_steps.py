@@ -118,14 +118,7 @@ def qlora_config(method: str, batch: int, args, device, shapes) -> dict:
     if method in qlora.COMPILED:
         qlora.compile_layers(model, method, args.compile_backend)
     ids = torch.randint(3, model.config.vocab_size, (batch, args.seq), device=device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return profiled(step, device, 2, args.steps, args.profiled_steps)
+    return profiled(qlora.training_step(model, ids), device, 2, args.steps, args.profiled_steps)
 
 
 def main(argv: list[str] | None = None) -> dict:

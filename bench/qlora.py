@@ -77,18 +77,24 @@ def compile_layers(model: nn.Module, method: str, backend: str) -> None:
         layer.compile(backend=backend, fullgraph=method in FULLGRAPH, dynamic=False)  # each batch its own static graph
 
 
-def run_config(model, method: str, batch: int, args, device) -> dict:
-    torch.manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (batch, args.seq), device=device)
+def training_step(model: nn.Module, ids: torch.Tensor):
+    """The benchmark's step on ``ids``: forward with labels, backward, AdamW step, zero_grad; returns the loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return step
+
+
+def run_config(model, method: str, batch: int, args, device) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (batch, args.seq), device=device)
+    step = training_step(model, ids)
     graphs_before = counters["stats"]["unique_graphs"]
     losses, warmup_s = [], []
     for _ in range(args.warmup):

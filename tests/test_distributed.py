@@ -320,8 +320,8 @@ def two_processes(tmp_path_factory) -> Path:
     """One spawn of 2 gloo processes for every check below (their assertions run in the workers).
 
     A worker killed by a signal gets one more spawn: once in five CI runs (2026-12-07) a gloo worker died of
-    SIGSEGV 8 s into its run (the FSDP2 QLoRA check runs first), not reproduced in the runs after it; its stack (faulthandler) is in the
-    captured stderr. A failed assertion, or a second crash, fails the tests."""
+    SIGSEGV 8 s into its run (the FSDP2 QLoRA check runs first), not reproduced in the runs after it; a
+    crash's stack (faulthandler) is in the captured stderr. A failed assertion, or a second crash, fails."""
     for attempt in range(2):
         tmp = tmp_path_factory.mktemp("distributed")
         try:
