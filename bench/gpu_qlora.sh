@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 cat "$OUT/qlora-gpu-env.txt"
 timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_qlora.py > "$OUT/qlora-gpu-tests.log" 2>&1
 tail -25 "$OUT/qlora-gpu-tests.log"
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-160}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-240}
 timeout $((BENCH_BUDGET_S + 60)) python3 bench/qlora.py --out "$OUT" --gpu-budget-s "$BENCH_BUDGET_S" > "$OUT/qlora-gpu-bench.log" 2>&1
 grep -v "Warning\|warn" "$OUT/qlora-gpu-bench.log" | tail -30
 exit 0

@@ -357,6 +357,7 @@ def main() -> None:
         bench_shape(N, K, ms, args, meta["copy_tbps"], rows, tuning, checks)
         # Written after every shape: a run cut short (a device lease's time limit) keeps what it measured.
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
         if args.tune:
             export_plans(plans_path, plans_meta)
     result["sibling_groups"] = bench_sibling_groups(SIBLING_GROUPS, args.tune)
@@ -364,7 +365,6 @@ def main() -> None:
         export_plans(plans_path, plans_meta)
     result["eager_overhead"] = eager_overheads()
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
     print(json.dumps({"checks": checks, "eager_overhead": result["eager_overhead"]}, indent=1))
 
 

@@ -9,6 +9,8 @@ Methods, one at a time on the device, in one run:
   bnb-eager         bitsandbytes Linear4bit (nf4, double quant, bf16 compute) + peft LoRA, eager, as users run it
   bnb-compiled      the same, compiled ("if that works": a failure is recorded, not fatal)
   nf4compile-eager  nf4compile + peft LoRA, eager (an anchor)
+  nf4compile-graphs nf4compile + peft LoRA, compiled with mode="reduce-overhead" (CUDA-graph trees)
+  bf16-graphs       bf16 weights + peft LoRA, the same mode: the like-for-like baseline of nf4compile-graphs
 Same workload everywhere: every Linear but lm_head in the method's format; peft LoRA r=16, alpha=32, no
 dropout, on q/k/v/o/gate/up/down (adapters in fp32, peft's default); sequence 512, batch 1 and 4; a step is
 forward with labels (the loss), backward, AdamW step, zero_grad. No prepare_model_for_kbit_training (it
@@ -16,7 +18,10 @@ casts norms, embeddings and lm_head to fp32 and turns on checkpointing: another 
 checkpointing. The embedding output requires grad (``enable_input_require_grads``, as checkpointing
 recipes do), so every decoder layer sees the same kind of input: compiled, the 32 layers share one graph.
 "Compiled" is regional compilation: each decoder layer is ``torch.compile``d (one compile serves all 32;
-embedding, final norm, lm_head and loss run eagerly), the same for every compiled method.
+embedding, final norm, lm_head and loss run eagerly), the same for every compiled method. The ``-graphs``
+methods replay each layer's forward and backward as CUDA graphs: at batch 1 the compiled step is host-bound
+(bench/profile_steps.py qlora: the GPU idles most of a step), and graphs take the per-kernel Python of the
+compiled layers (the NF4 dequantize's included) off the step; on the CPU the mode changes nothing.
 
 Measured: step time (CUDA events around each step, after --warmup steps, of which the first compiles;
 median of --steps), the number of graphs compiled (1: the 32 layers share one), peak memory over the timed steps (``max_memory_allocated``: weights, adapters, their
@@ -50,9 +55,10 @@ START = time.monotonic()
 MODEL = "llama-2-7b"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Most important first: the budget cuts from the end. Each method builds one model for all its batches.
-PLAN = ["nf4compile", "bf16-compiled", "bnb-eager", "bnb-compiled", "nf4compile-eager"]
-COMPILED = {"nf4compile", "bf16-compiled", "bnb-compiled"}
-FULLGRAPH = {"nf4compile", "bf16-compiled"}  # bnb-compiled: "if that works", graph breaks allowed
+PLAN = ["nf4compile", "bf16-compiled", "nf4compile-graphs", "bf16-graphs", "bnb-eager", "bnb-compiled", "nf4compile-eager"]
+CUDA_GRAPHS = {"nf4compile-graphs", "bf16-graphs"}
+COMPILED = {"nf4compile", "bf16-compiled", "bnb-compiled", *CUDA_GRAPHS}
+FULLGRAPH = {"nf4compile", "bf16-compiled", *CUDA_GRAPHS}  # bnb-compiled: "if that works", graph breaks allowed
 
 
 def build(method: str, shapes: dict, device) -> nn.Module:
@@ -73,8 +79,10 @@ def build(method: str, shapes: dict, device) -> nn.Module:
 
 
 def compile_layers(model: nn.Module, method: str, backend: str) -> None:
+    # CI's --small run traces with the "eager" backend, which takes no mode.
+    mode = {"mode": "reduce-overhead"} if method in CUDA_GRAPHS and backend == "inductor" else {}
     for layer in model.base_model.model.model.layers:
-        layer.compile(backend=backend, fullgraph=method in FULLGRAPH, dynamic=False)  # each batch its own static graph
+        layer.compile(backend=backend, fullgraph=method in FULLGRAPH, dynamic=False, **mode)  # each batch its own static graph
 
 
 def training_step(model: nn.Module, ids: torch.Tensor):
@@ -82,6 +90,7 @@ def training_step(model: nn.Module, ids: torch.Tensor):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs are no longer read
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -144,6 +153,13 @@ TARGETS = [  # (name, metric, threshold, higher is better); r[batch, method] is 
       for b in (1, 4)],
     *[(f"step time / bf16-compiled's, batch {b}", lambda r, b=b: r[b, "nf4compile"]["step_ms"] / r[b, "bf16-compiled"]["step_ms"], 1.25, False)
       for b in (1, 4)],
+    # The same three with CUDA graphs, each against a baseline run the same way.
+    *[(f"peak GB nf4compile-graphs / bnb-eager, batch {b}",
+       lambda r, b=b: r[b, "nf4compile-graphs"]["peak_gb"] / r[b, "bnb-eager"]["peak_gb"], 1.0, False) for b in (1, 4)],
+    *[(f"nf4compile-graphs speedup over bnb-eager, batch {b}",
+       lambda r, b=b: r[b, "bnb-eager"]["step_ms"] / r[b, "nf4compile-graphs"]["step_ms"], 1.5, True) for b in (1, 4)],
+    *[(f"nf4compile-graphs step time / bf16-graphs', batch {b}",
+       lambda r, b=b: r[b, "nf4compile-graphs"]["step_ms"] / r[b, "bf16-graphs"]["step_ms"], 1.25, False) for b in (1, 4)],
 ]
 
 
@@ -154,6 +170,7 @@ def targets(results: list) -> list:
 def plot(json_path: Path) -> Path | None:
     """Step time and peak memory per configuration, as a PNG beside the JSON."""
     colors = {"nf4compile": "tab:green", "nf4compile-eager": "tab:olive", "bf16-compiled": "tab:gray",
+              "nf4compile-graphs": "tab:red", "bf16-graphs": "tab:brown",
               "bnb-eager": "tab:blue", "bnb-compiled": "tab:cyan"}
     return plot_panels(
         json_path, [("step_ms", "training step ms (median)"), ("peak_gb", "peak GPU memory GB (weights hatched)")],
