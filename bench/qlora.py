@@ -24,8 +24,10 @@ methods replay each layer's forward and backward as CUDA graphs: at batch 1 the 
 compiled layers (the NF4 dequantize's included) off the step; on the CPU the mode changes nothing.
 
 Measured: step time (CUDA events around each step, after --warmup steps, of which the first compiles;
-median of --steps), the number of graphs compiled (1: the 32 layers share one), peak memory over the timed steps (``max_memory_allocated``: weights, adapters, their
-gradients and AdamW state, activations), weight memory (what building left allocated), the first warm-up
+median of --steps), the number of graphs compiled (1: the 32 layers share one), peak memory over all steps, warm-up
+included (``max_memory_allocated``: weights, adapters, their gradients and AdamW state, activations; a CUDA-graph
+method allocates its graphs' memory pool while recording them and nothing while replaying, so the timed steps
+alone would miss it; ``max_memory_reserved`` beside it), weight memory (what building left allocated), the first warm-up
 step's seconds (compile). Configurations run in order until --gpu-budget-s is spent; the JSON (and PNG) is
 rewritten after each, so a run cut short keeps what finished.
 """
@@ -103,16 +105,21 @@ def training_step(model: nn.Module, ids: torch.Tensor):
 def run_config(model, method: str, batch: int, args, device) -> dict:
     torch.manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (batch, args.seq), device=device)
+    if method in CUDA_GRAPHS:
+        # Each batch records its own graphs: the last batch's, and their memory pool, go first (as in a fresh
+        # process), so that this batch's peak is its own.
+        cleanup(device)
     step = training_step(model, ids)
     graphs_before = counters["stats"]["unique_graphs"]
     losses, warmup_s = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         start = time.perf_counter()
         losses.append(step())
         sync(device)
         warmup_s.append(time.perf_counter() - start)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
         for begin, end in events:
             begin.record()
@@ -121,17 +128,19 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         sync(device)
         step_ms = [begin.elapsed_time(end) for begin, end in events]
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        peak_reserved_gb = torch.cuda.max_memory_reserved() / 1e9
     else:
         step_ms = []
         for _ in range(args.steps):
             start = time.perf_counter()
             losses.append(step())
             step_ms.append((time.perf_counter() - start) * 1e3)
-        peak_gb = None
+        peak_gb = peak_reserved_gb = None
     losses = [float(loss) for loss in losses]
     if not all(map(math.isfinite, losses)):
         raise FloatingPointError(f"non-finite loss: {losses}")
-    return dict(step_ms=statistics.median(step_ms), step_ms_all=step_ms, peak_gb=peak_gb, compile_s=warmup_s[0],
+    return dict(step_ms=statistics.median(step_ms), step_ms_all=step_ms, peak_gb=peak_gb,
+                peak_reserved_gb=peak_reserved_gb, compile_s=warmup_s[0],
                 graphs=counters["stats"]["unique_graphs"] - graphs_before,  # compiled: 1 (each a forward and a backward)
                 tokens_per_s=batch * args.seq / (statistics.median(step_ms) / 1e3), loss_first=losses[0], loss_last=losses[-1])
 
