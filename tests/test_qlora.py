@@ -56,6 +56,15 @@ def nf4_state(model):
     return state
 
 
+def assert_nf4_unchanged(model, before):
+    """Every NF4 weight of ``model`` got no gradient and holds the inner tensors ``before`` (nf4_state) bit for bit."""
+    params = dict(model.named_parameters())
+    for name, inner in before.items():
+        assert params[name].grad is None, f"{name} got a gradient"
+        for part, value in inner.items():
+            assert torch.equal(getattr(params[name], part), value), f"{name}.{part} changed"
+
+
 def adapter_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -111,11 +120,8 @@ def test_only_adapters_train_and_nf4_weights_stay_bit_identical():
         step(model, ids)
         optimizer.step()
         optimizer.zero_grad()
+    assert_nf4_unchanged(model, before)
     params = dict(model.named_parameters())
-    assert all(params[n].grad is None for n in before)
-    for name, inner in before.items():
-        for part, value in inner.items():
-            assert torch.equal(getattr(params[name], part), value), f"{name}.{part} changed"
     assert all(not torch.equal(params[n], value) for n, value in adapters.items()), "every adapter trained"
 
 
@@ -306,11 +312,7 @@ def test_llama_compiled_layers_with_checkpointing_match_the_reference_and_train_
     torch.testing.assert_close(loss, step(theirs, ids), rtol=0.01, atol=0.01)
     assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=1e-2)  # fused kernels vs cuBLAS, bf16
     optimizer.step()
-    params = dict(ours.named_parameters())
-    for name, inner in before.items():
-        assert params[name].grad is None
-        for part, value in inner.items():
-            assert torch.equal(getattr(params[name], part), value), f"{name}.{part} changed"
+    assert_nf4_unchanged(ours, before)
 
 
 @pytest.mark.cuda
@@ -342,8 +344,4 @@ def test_llama_layers_trained_under_cuda_graphs_match_the_reference_step_after_s
     assert counters["inductor"]["cudagraph_skips"] == skips, "the layers ran without CUDA graphs"
     moved = [n for n, p in ours.named_parameters() if p.requires_grad and not torch.equal(p, first_adapters[n])]
     assert len(moved) == len(first_adapters), "every adapter trained"
-    params = dict(ours.named_parameters())
-    for name, inner in before.items():
-        assert params[name].grad is None
-        for part, value in inner.items():
-            assert torch.equal(getattr(params[name], part), value), f"{name}.{part} changed"
+    assert_nf4_unchanged(ours, before)
