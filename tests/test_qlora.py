@@ -289,6 +289,13 @@ def test_cuda_compiled_backward_runs_the_fused_kernel_and_keeps_no_dense_weight(
     assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=1e-2)
 
 
+# Dynamo's switch for side effects in a checkpointed forward (absent from older torch: nothing to set).
+CHECKPOINT_SIDE_EFFECTS = (
+    {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint") else {}
+)
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cuda", marks=pytest.mark.cuda),
     # Two Inductor compiles of a Llama layer, over a minute on CI's 2 cores: on request.
@@ -308,8 +315,11 @@ def test_llama_compiled_layers_with_checkpointing_match_the_reference_and_train_
     before = nf4_state(ours)
     optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 128, (2, 33), device=device)
-    loss = step(ours, ids)
-    torch.testing.assert_close(loss, step(theirs, ids), rtol=0.01, atol=0.01)
+    # transformers >= 5.25 sets a context variable inside its checkpointed layers, which Dynamo refuses
+    # ("HOP: Unsafe side effect") unless told to skip it: the setting the README tells such users to make.
+    with torch._dynamo.config.patch(**CHECKPOINT_SIDE_EFFECTS):
+        loss = step(ours, ids)
+        torch.testing.assert_close(loss, step(theirs, ids), rtol=0.01, atol=0.01)
     assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=1e-2)  # fused kernels vs cuBLAS, bf16
     optimizer.step()
     assert_nf4_unchanged(ours, before)
