@@ -101,10 +101,10 @@ class CapturedStep:
     """A compiled decode step replayed as one CUDA graph (recipe 4).
 
     Captured on the first call, after two warm-up calls on a side stream (compilation, Triton JIT and
-    autotuning happen there, never inside the capture). Later calls copy ``token`` and ``position`` into
-    the graph's input buffers and replay; the model and cache must be the ones it was captured with (the
-    cache reset in place, never reallocated), and the batch size the same. The returned token is the
-    graph's output buffer: clone it before the next call.
+    autotuning happen there, never inside the capture; ``warm_up_step`` undoes their cache writes). Later
+    calls copy ``token`` and ``position`` into the graph's input buffers and replay; the model and cache
+    must be the ones it was captured with (the cache reset in place, never reallocated), and the batch
+    size the same. The returned token is the graph's output buffer: clone it before the next call.
     """
 
     def __init__(self, step):
@@ -117,8 +117,7 @@ class CapturedStep:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # the KV write at `position` is the one the real step makes
-                    self.step(model, cache, *self.inputs)
+                warm_up_step(self.step, model, cache, *self.inputs)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -127,6 +126,26 @@ class CapturedStep:
         self.inputs[1].copy_(position)
         self.graph.replay()
         return self.output
+
+
+def warm_up_step(step, model, cache, token, position, calls: int = 2) -> None:
+    """Calls the decode step ``calls`` times (compiling it, JIT-compiling and tuning its kernels), then puts the
+    cache's fill counters back: a transformers 5 StaticCache writes each call's keys and values at the slot
+    its own counter says (``cumulative_length``, advanced in place), whatever ``position`` is, so without
+    this the next real token would be written ``calls`` slots late and every later query would attend to
+    the warm-up's copies instead of its own and its predecessors' keys. The slots the warm-ups wrote lie
+    beyond the counter: masked until real tokens overwrite them."""
+    layers = list(getattr(cache, "layers", ()))
+    tensors = [(t, t.clone()) for layer in layers for t in vars(layer).values()
+               if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool]
+    numbers = [(layer, name, value) for layer in layers for name, value in vars(layer).items()
+               if type(value) is int]
+    for _ in range(calls):
+        step(model, cache, token, position)
+    for counter, saved in tensors:
+        counter.copy_(saved)
+    for layer, name, value in numbers:
+        setattr(layer, name, value)
 
 
 def new_cache(model, max_len: int):
