@@ -326,15 +326,28 @@ def test_llama_compiled_layers_with_checkpointing_match_the_reference_and_train_
 
 
 @pytest.mark.cuda
-def test_llama_layers_trained_under_cuda_graphs_match_the_reference_step_after_step():
+@pytest.mark.parametrize("checkpointing", [
+    False,
+    # CUDA-graph trees stop at checkpointing's recomputation in the backward on torch 2.11 (H100, 2026-12-07):
+    # "graph recording observed an input tensor deallocate during graph recording that did not occur during
+    # replay", pytorch/pytorch#154306 (non-reentrant checkpointing, open upstream). Strict: a torch that fixes
+    # it makes this fail, and the README's advice (no checkpointing under CUDA graphs) can go.
+    pytest.param(True, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason="pytorch/pytorch#154306")),
+])
+def test_llama_layers_trained_under_cuda_graphs_match_the_reference_step_after_step(checkpointing):
     # mode="reduce-overhead" (CUDA-graph trees), as bench/qlora.py's -graphs methods: the first step runs the
     # compiled code eagerly, the second records the graphs, the later ones replay them. Each step's loss and
     # adapter gradients must match the reference's (compiled without graphs) after the optimizer moved the
-    # adapters in place, which replays must see; the NF4 weights never change.
+    # adapters in place, which replays must see; the NF4 weights never change. With checkpointing the
+    # backward graphs recompute the layers' forward, NF4 linears included.
     from torch._dynamo.utils import counters
 
     ours, theirs = with_reference(tiny_llama(layers=2).cuda().train())
     for model, mode in ((ours, "reduce-overhead"), (theirs, "default")):
+        if checkpointing:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model.gradient_checkpointing_enable()
         for layer in model.base_model.model.model.layers:
             layer.compile(fullgraph=True, mode=mode)
     before = nf4_state(ours)
@@ -345,7 +358,8 @@ def test_llama_layers_trained_under_cuda_graphs_match_the_reference_step_after_s
     first_adapters = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     for index in range(4):
         torch.compiler.cudagraph_mark_step_begin()
-        losses = [step(model, ids).detach().clone() for model in (ours, theirs)]
+        with torch._dynamo.config.patch(**CHECKPOINT_SIDE_EFFECTS):
+            losses = [step(model, ids).detach().clone() for model in (ours, theirs)]
         torch.testing.assert_close(losses[0], losses[1], rtol=0.01, atol=0.01, msg=f"step {index}")
         assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=1e-2)
         for optimizer in optimizers:
