@@ -247,6 +247,36 @@ nf4_linear_1 = nf4compile.linear(view_6, primals_1, primals_2, primals_3, primal
         assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
 
 
+def test_varying_token_counts_recompile_once_with_a_symbolic_length_and_stay_fused():
+    # Fine-tuning batches vary in length. The second length makes Dynamo recompile with the length symbolic
+    # (automatic dynamic shapes) and later lengths reuse that graph: the passes must fuse it as well.
+    with fresh_cache(), inductor_config.patch(
+        post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
+    ):
+        torch._dynamo.reset()
+        ours, theirs = with_reference(nf4compile.quantize(MLP().to(bf16)), targets=["up", "down"])
+        recorder = Recorder()
+        inductor_config.post_grad_custom_post_pass = recorder  # sees the graphs after our passes
+        compiled = torch.compile(ours, fullgraph=True)
+        for tokens in (5, 7, 11, 13):
+            x = torch.randn(2, tokens, 64, dtype=bf16, requires_grad=True)
+            grad_out = torch.randn(2, tokens, 64, dtype=bf16)
+            compiled(x).backward(grad_out)
+            reference_x = x.detach().clone().requires_grad_()
+            theirs(reference_x).backward(grad_out)
+            torch.testing.assert_close(x.grad, reference_x.grad, rtol=0.02, atol=0.02)  # bf16 outputs
+            assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
+            for model in (ours, theirs):
+                model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+    assert len(recorder.graphs) == 4, "a static and a dynamic compile, each a forward and a backward graph"
+    for graph in recorder.graphs[2:]:
+        shapes = [n.meta["val"].shape for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+        assert any(isinstance(d, torch.SymInt) for shape in shapes for d in shape), "the length is symbolic"
+        assert count(graph, torch.ops.nf4compile.linear.default) == 2
+        assert count(graph, torch.ops.nf4compile.dequantize.default) == 0
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 
