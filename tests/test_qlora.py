@@ -6,6 +6,7 @@ same matmul, so gradients agree to fp32 rounding; the GPU tests allow for the fu
 summation. One Inductor compile (forward + backward of two LoRA'd NF4 layers) runs in CI.
 """
 
+import contextlib
 import copy
 import os
 import warnings
@@ -75,6 +76,12 @@ def step(model, ids):
     return loss
 
 
+def enable_checkpointing(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+
+
 def assert_grads_close(ours, theirs, rtol):
     assert ours.keys() == theirs.keys() and ours
     for name in ours:
@@ -131,9 +138,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     step(model, ids)
     plain = adapter_grads(model)
     model.zero_grad()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
-        model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     calls = []
     q_proj = model.base_model.model.model.layers[1].self_attn.q_proj.base_layer
     handle = q_proj.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
@@ -203,19 +208,39 @@ class Recorder:
         return None
 
 
+@contextlib.contextmanager
+def recorded_mlp():
+    """(NF4 MLP with adapters, its dequantized reference, a Recorder of the graphs Inductor compiles after our
+    passes), with a fresh compile cache and Dynamo reset on the way in and out."""
+    with fresh_cache(), inductor_config.patch(
+        post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
+    ):
+        torch._dynamo.reset()
+        ours, theirs = with_reference(nf4compile.quantize(MLP().to(bf16)), targets=["up", "down"])
+        recorder = Recorder()
+        inductor_config.post_grad_custom_post_pass = recorder  # sees the graphs after our passes
+        yield ours, theirs, recorder
+        torch._dynamo.reset()
+
+
+def backward_matches_reference(compiled, ours, theirs, tokens):
+    """One backward through ``compiled`` (ours) and the eager reference on the same random input and output
+    gradient: input and adapter gradients agree; the adapters' gradients are cleared afterwards."""
+    x = torch.randn(2, tokens, 64, dtype=bf16, requires_grad=True)
+    grad_out = torch.randn(2, tokens, 64, dtype=bf16)
+    compiled(x).backward(grad_out)
+    reference_x = x.detach().clone().requires_grad_()
+    theirs(reference_x).backward(grad_out)
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=0.02, atol=0.02)  # bf16 outputs
+    assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
+    for model in (ours, theirs):
+        model.zero_grad(set_to_none=True)
+
+
 class TestCompiledTraining(expecttest.TestCase):
     def test_backward_recomputes_the_dequantize_and_fuses_both_sides(self):
-        with fresh_cache(), inductor_config.patch(
-            post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
-        ):
-            torch._dynamo.reset()
-            ours, theirs = with_reference(nf4compile.quantize(MLP().to(bf16)), targets=["up", "down"])
-            recorder = Recorder()
-            inductor_config.post_grad_custom_post_pass = recorder  # sees the graphs after our passes
-            x = torch.randn(2, 5, 64, dtype=bf16, requires_grad=True)
-            grad_out = torch.randn(2, 5, 64, dtype=bf16)
-            torch.compile(ours, fullgraph=True)(x).backward(grad_out)
-            torch._dynamo.reset()
+        with recorded_mlp() as (ours, theirs, recorder):
+            backward_matches_reference(torch.compile(ours, fullgraph=True), ours, theirs, tokens=5)
         forward, backward = recorder.graphs
         # The forward hands the backward activations and the NF4 pieces (graph inputs, alive anyway); a
         # dense weight would be bfloat16[128, 64] or [64, 128].
@@ -241,34 +266,15 @@ mm_6 = aten.mm(permute_5, view_2)
 mm_7 = aten.mm(mm_5, permute_7)
 nf4_linear_1 = nf4compile.linear(view_6, primals_1, primals_2, primals_3, primals_4, 64, 128, 64, None, True)""")
         assert count(backward, torch.ops.nf4compile.dequantize.default) == 0
-        reference_x = x.detach().clone().requires_grad_()
-        theirs(reference_x).backward(grad_out)
-        torch.testing.assert_close(x.grad, reference_x.grad, rtol=0.02, atol=0.02)  # bf16 outputs
-        assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
 
 
 def test_varying_token_counts_recompile_once_with_a_symbolic_length_and_stay_fused():
     # Fine-tuning batches vary in length. The second length makes Dynamo recompile with the length symbolic
     # (automatic dynamic shapes) and later lengths reuse that graph: the passes must fuse it as well.
-    with fresh_cache(), inductor_config.patch(
-        post_grad_custom_pre_pass=None, post_grad_custom_post_pass=None, joint_custom_pre_pass=None
-    ):
-        torch._dynamo.reset()
-        ours, theirs = with_reference(nf4compile.quantize(MLP().to(bf16)), targets=["up", "down"])
-        recorder = Recorder()
-        inductor_config.post_grad_custom_post_pass = recorder  # sees the graphs after our passes
+    with recorded_mlp() as (ours, theirs, recorder):
         compiled = torch.compile(ours, fullgraph=True)
         for tokens in (5, 7, 11, 13):
-            x = torch.randn(2, tokens, 64, dtype=bf16, requires_grad=True)
-            grad_out = torch.randn(2, tokens, 64, dtype=bf16)
-            compiled(x).backward(grad_out)
-            reference_x = x.detach().clone().requires_grad_()
-            theirs(reference_x).backward(grad_out)
-            torch.testing.assert_close(x.grad, reference_x.grad, rtol=0.02, atol=0.02)  # bf16 outputs
-            assert_grads_close(adapter_grads(ours), adapter_grads(theirs), rtol=0.02)
-            for model in (ours, theirs):
-                model.zero_grad(set_to_none=True)
-        torch._dynamo.reset()
+            backward_matches_reference(compiled, ours, theirs, tokens)
     assert len(recorder.graphs) == 4, "a static and a dynamic compile, each a forward and a backward graph"
     for graph in recorder.graphs[2:]:
         shapes = [n.meta["val"].shape for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -337,9 +343,7 @@ def test_llama_compiled_layers_with_checkpointing_match_the_reference_and_train_
     # while the NF4 and the dequantized model compiled alike agree (exactly on the CPU).
     ours, theirs = with_reference(tiny_llama(layers=2).to(device).train())
     for model in (ours, theirs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         for layer in model.base_model.model.model.layers:  # regional compilation, as bench/qlora.py does
             layer.compile(fullgraph=True)
     before = nf4_state(ours)
@@ -375,9 +379,7 @@ def test_llama_layers_trained_under_cuda_graphs_match_the_reference_step_after_s
     ours, theirs = with_reference(tiny_llama(layers=2).cuda().train())
     for model, mode in ((ours, "reduce-overhead"), (theirs, "default")):
         if checkpointing:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         for layer in model.base_model.model.model.layers:
             layer.compile(fullgraph=True, mode=mode)
     before = nf4_state(ours)
