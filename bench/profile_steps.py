@@ -106,13 +106,14 @@ def decode_config(method: str, batch: int, args, device, shapes) -> dict:
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt), device=device)
     compiled = torch.compile(e2e.decode_step, backend=args.compile_backend, fullgraph=method in e2e.FULLGRAPH)
     step_fn = e2e.CapturedStep(compiled) if device.type == "cuda" and args.compile_backend == "inductor" else compiled
+    generated, warmup = 4, 2
     # Every call of the step writes its keys and values to the cache's next free slot (a StaticCache counts
-    # the slots it has filled), whatever position it is given: room for generate's 3 steps and all of ours.
-    cache = e2e.new_cache(model, args.prompt + 4 + 2 + args.steps + args.profiled_steps)
+    # the slots it has filled), whatever position it is given: room for generate's tokens and all our steps.
+    cache = e2e.new_cache(model, args.prompt + generated + warmup + args.steps + args.profiled_steps)
     with torch.no_grad():
-        e2e.generate(model, prompt, 4, step_fn, cache)  # compiles (and captures) the step
-        token, position = prompt[:, -1:].contiguous(), torch.tensor([[args.prompt + 4]], device=device)
-        return profiled(lambda: step_fn(model, cache, token, position), device, 2, args.steps, args.profiled_steps)
+        e2e.generate(model, prompt, generated, step_fn, cache)  # compiles (and captures) the step
+        token, position = prompt[:, -1:].contiguous(), torch.tensor([[args.prompt + generated]], device=device)
+        return profiled(lambda: step_fn(model, cache, token, position), device, warmup, args.steps, args.profiled_steps)
 
 
 def qlora_config(method: str, batch: int, args, device, shapes) -> dict:
