@@ -6,11 +6,12 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            split-K where N is small. Per-thread partial sums, reduced once after the K loop; each
            code costs a shift, a codebook lookup and a multiply-add (a word's eight products one
            chain of multiply-adds). A plan may prefetch: the next step's loads are issued into
-           registers before this step decodes. Bound by the shared-memory pipe that serves the
-           lookups and by latency, not yet by HBM: bench/NOTES.md.
+           registers before this step decodes. Bound by the L1/shared-memory unit (a lookup per code),
+           not yet by HBM: ncu, bench/NOTES.md.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
-           side and M only its narrow one, so M = 16 costs what M = 4 costs.
+           side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
+           quantization block's dot product instead of each weight (M <= 16).
   dequant  dequantize to x.dtype, then cuBLAS: for large M, where cuBLAS's GEMM outruns a Triton
            kernel that decodes each weight tile once per M tile by more than writing the dense weight
            costs; also for blocks that span rows (K % block_size != 0) and other dtypes.
@@ -369,10 +370,14 @@ def _nf4_mm_kernel(
     X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
     GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
 ):
     # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
     # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
     # its codes come from L2 after the first of them.
+    # SCALE_AFTER (x @ W.T only): one dot per group of SUB columns (one scale per row of A), of the
+    # bare codebook values, its result scaled: a multiply-add per output element instead of a
+    # multiply per weight (BLOCK_M outputs against SUB weights a row).
     if X_AT_W:
         OUT = K
         RED = N
@@ -388,7 +393,20 @@ def _nf4_mm_kernel(
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
         r = r0 + tl.arange(0, BLOCK_RED)
-        if X_AT_W:
+        if SCALE_AFTER:
+            for g in tl.static_range(GROUPS):
+                words, scale = _load_tile(
+                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                    o, o < N, r0 + g * SUB, K, stride_w, QBLOCK, DOUBLE_QUANT, 1, SUB, EVEN,
+                )
+                a = tl.reshape(_decode(table, _codes(words), SHUFFLE), [BLOCK_OUT, SUB])
+                r_g = r0 + g * SUB + tl.arange(0, SUB)
+                x_mask = (m < M)[None, :]
+                if not EVEN:
+                    x_mask = x_mask & (r_g < RED)[:, None]
+                x_t = tl.load(x_ptr + m[None, :] * stride_xm + r_g[:, None], mask=x_mask, other=0.0)
+                acc += tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE)) * scale
+        elif X_AT_W:
             words, scale = _load_tile(
                 packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                 r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
@@ -400,12 +418,13 @@ def _nf4_mm_kernel(
                 o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
             )
             a = tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
-        # Rows of x past M are always masked (M is free); the reduced axis only when not EVEN.
-        x_mask = (m < M)[None, :]
-        if not EVEN:
-            x_mask = x_mask & (r < RED)[:, None]
-        x_t = tl.load(x_ptr + m[None, :] * stride_xm + r[:, None], mask=x_mask, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE), acc)
+        if not SCALE_AFTER:
+            # Rows of x past M are always masked (M is free); the reduced axis only when not EVEN.
+            x_mask = (m < M)[None, :]
+            if not EVEN:
+                x_mask = x_mask & (r < RED)[:, None]
+            x_t = tl.load(x_ptr + m[None, :] * stride_xm + r[:, None], mask=x_mask, other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE), acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
@@ -443,6 +462,14 @@ MM_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3, lookup="shuffle"),
     dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
     dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
+    # Scale after the dot (x @ W.T; see the kernel): 16-30% fewer instructions a weight than the same
+    # tile scaled before and fewer registers (offline sm_90 compiles), but on an H100 within 5% of the
+    # scale-before plans: both are bound by the L1/shared-memory pipe, not by issue (ncu, bench/NOTES.md).
+    # They won M = 4 and 8 on the three largest-K or largest shapes. Only for M <= 16: where M fills
+    # BLOCK_M = 64 the multiply-adds on the outputs cost what the multiplies on the weights saved.
+    *[dict(BLOCK_M=16, BLOCK_OUT=out, BLOCK_RED=red, SPLIT_K=split, num_warps=4, num_stages=3, lookup="shuffle",
+           scale="after")
+      for out, red in ((128, 128), (128, 64), (64, 256)) for split in (1, 2, 4)],
 ]
 
 
@@ -465,6 +492,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
         BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
         GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=_shuffle(config),
+        SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
         EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -539,7 +567,10 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
         fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)
-        plans += [{"path": "mm", "config": c} for c in MM_CONFIGS if fits(c)]
+        # Scale-after configs only for x @ W.T (x @ W's scales vary along the reduced axis: they would
+        # run the scale-before kernel a second time) and M <= 16 (above, they measured 2.5-10x slower).
+        scale_after = lambda c: c.get("scale") == "after" and not x_at_w and bucket <= 16
+        plans += [{"path": "mm", "config": c} for c in MM_CONFIGS if fits(c) and (scale_after(c) or "scale" not in c)]
     return plans
 
 

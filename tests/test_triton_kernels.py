@@ -102,6 +102,10 @@ MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SHUFFLE = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "shuffle"}}
+# Scale after the dot: two groups a step where block_size is 32, a group shorter than a block where
+# it is 64 (MM_AFTER_SPLIT); x @ W runs the scale-before kernel.
+MM_AFTER = {"path": "mm", "config": {**MM["config"], "scale": "after"}}
+MM_AFTER_SPLIT = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "shuffle", "scale": "after"}}
 DEQUANT = {"path": "dequant"}
 
 # (N, K, block_size, double_quant): N and K not powers of two, K = block size, K < a tile, and
@@ -139,6 +143,15 @@ def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=F
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv(plan, N, K, block_size, double_quant, bias):
     _check_linear(plan, N, K, block_size, double_quant, 1, torch.bfloat16, bias=bias)
+
+
+def test_gemv_activations_at_an_unaligned_address():
+    # A view two bytes into its buffer: Triton compiles the kernel without its 16-byte alignment hints.
+    (packed, absmax, nested, offset), w64 = make_weight(32, 256, 64, True)
+    x = torch.randn(257, device=DEVICE).to(torch.bfloat16)[1:].view(1, 256)
+    assert x.data_ptr() % 16 != 0
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, 32, 256, plan=GEMV_PREFETCH)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -191,7 +204,10 @@ def test_linear_group_refuses_lists_of_different_lengths():
         triton_linear.nf4_linear_group(x, [packed, packed], [absmax], [nested], [offset], 64, [40], 192, [None])
 
 
-@pytest.mark.parametrize("plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE], ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle"])
+@pytest.mark.parametrize(
+    "plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE, MM_AFTER, MM_AFTER_SPLIT],
+    ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle", "mm-scale-after", "mm-scale-after-splitk"],
+)
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
 def test_mm(plan, N, K, block_size, double_quant, x_at_w):
