@@ -74,10 +74,16 @@ def load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT: tl.constex
 
 
 @triton.jit
-def resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 scales from load_scale_parts: dynamic_map[code] * nested + offset, in bitsandbytes' order."""
+def resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr, dyn_table=None):
+    """fp32 scales from load_scale_parts: dynamic_map[code] * nested + offset, in bitsandbytes' order.
+    With ``dyn_table`` (the 256-entry map loaded into registers before a loop) the map is read by
+    gather_table, from shared memory, instead of by a global gather per code."""
     if DOUBLE_QUANT:
-        return tl.load(dyn_ptr + part) * nested + tl.load(offset_ptr)
+        if dyn_table is None:
+            dyn = tl.load(dyn_ptr + part)
+        else:
+            dyn = gather_table(dyn_table, part)
+        return dyn * nested + tl.load(offset_ptr)
     else:
         return part
 
@@ -91,14 +97,20 @@ def load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_Q
 
 
 @triton.jit
-def lookup(table, idx):
-    """table[idx & 15] for the 16-entry codebook held in registers. Triton stages it in shared
-    memory (once: the staging is loop-invariant and hoisted out of K loops), so a lookup is one
-    shared load, free of bank conflicts (16 entries in 16 banks): cheaper than a global gather, and
-    invisible to the software pipeliner (which turned global codebook gathers into per-element
-    async copies)."""
-    flat = tl.reshape(idx & 0xF, [idx.numel])
+def gather_table(table, idx):
+    """table[idx] for a small table held in registers (any shape of idx). Triton stages the table in
+    shared memory (one store a thread per step for 16 or 256 entries), so a read is one shared load:
+    no global request, and invisible to the software pipeliner (which turned global codebook gathers
+    into per-element async copies)."""
+    flat = tl.reshape(idx, [idx.numel])
     return tl.reshape(tl.gather(table, flat, 0), idx.shape)
+
+
+@triton.jit
+def lookup(table, idx):
+    """table[idx & 15] for the 16-entry codebook (gather_table): free of bank conflicts, 16 entries
+    in 16 banks."""
+    return gather_table(table, idx & 0xF)
 
 
 @triton.jit

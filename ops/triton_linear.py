@@ -6,8 +6,9 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            split-K where N is small. Per-thread partial sums, reduced once after the K loop; each
            code costs a shift, a codebook lookup and a multiply-add (a word's eight products one
            chain of multiply-adds). A plan may prefetch: the next step's loads are issued into
-           registers before this step decodes. Bound by the L1/shared-memory unit (a lookup per code),
-           not yet by HBM: ncu, bench/NOTES.md.
+           registers before this step decodes, and load the scale parts in fewer sectors ("scales":
+           "rows"). Bound by the L1's data pipe (a lookup per code, the scale parts), not yet by HBM:
+           ncu, bench/NOTES.md.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
@@ -47,7 +48,7 @@ from nf4compile.ops.nf4_ops import (
     ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
 )
 from nf4compile.ops.triton_dequantize import (
-    lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize, resolve_scales,
+    gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize, resolve_scales,
     shuffle_lookup, well_formed,
 )
 
@@ -80,7 +81,7 @@ MAX_INT32_OFFSET = 2**31 - 1
 def _load_tile_parts(
     packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k0, K, stride_w,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, ROW_SCALES: tl.constexpr = False,
 ):
     """The codes of W[rows, k0 : k0 + GROUPS * SUB] as 32-bit words [len(rows), GROUPS, SUB // 8]
     (8 codes each, zero outside W) and what the scales of its groups [len(rows), GROUPS] are rebuilt
@@ -88,6 +89,12 @@ def _load_tile_parts(
 
     Needs K % QBLOCK == 0 (no quantization block spans two rows), so a group of SUB columns has one
     scale, loaded once per group rather than once per weight.
+
+    ROW_SCALES (the gemv's "scales": "rows" plans) loads the scale parts in fewer global sectors: block
+    indices written as contiguous along the groups (so Triton lays a row's 8-bit codes out together),
+    and where the tiles divide W, one nested absmax per row ([rows, 1]: a step's groups are then inside
+    one nested block of 256). On an H100 the gemv is bound by the L1's data-pipe wavefronts, a third of
+    them from these loads (ncu, bench/NOTES.md).
     """
     # Loaded as a 2-D tile (16-byte loads, a thread's rows over the same columns, so that the
     # activations it converts serve all of them), then viewed per group.
@@ -96,8 +103,16 @@ def _load_tile_parts(
     words = masked_load(word_ptr, row_mask[:, None] & (word_col < K // 8)[None, :], 0, EVEN)
     g_col = k0 + tl.arange(0, GROUPS) * SUB
     mask = row_mask[:, None] & (g_col < K)[None, :]
-    blk = rows[:, None] * (K // QBLOCK) + g_col[None, :] // QBLOCK
-    part, nested = load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT, EVEN)
+    if ROW_SCALES:
+        # GROUPS > 1 only where SUB == QBLOCK, so the step's blocks are consecutive.
+        blk = rows[:, None] * (K // QBLOCK) + (k0 // QBLOCK + tl.arange(0, GROUPS) * (SUB // QBLOCK))[None, :]
+    else:
+        blk = rows[:, None] * (K // QBLOCK) + g_col[None, :] // QBLOCK
+    if ROW_SCALES and DOUBLE_QUANT and EVEN:
+        part = tl.load(absmax_ptr + blk).to(tl.int32)
+        nested = tl.load(nested_ptr + (rows * (K // QBLOCK) + k0 // QBLOCK) // 256)[:, None]
+    else:
+        part, nested = load_scale_parts(absmax_ptr, nested_ptr, blk, mask, DOUBLE_QUANT, EVEN)
     return tl.reshape(words, [rows.shape[0], GROUPS, SUB // 8]), part, nested
 
 
@@ -207,7 +222,7 @@ def _nf4_gemv_kernel(
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
-    MIXED: tl.constexpr, PREFETCH: tl.constexpr, WEIGHTS: tl.constexpr,
+    MIXED: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
     # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
     # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is the row-concatenation of
@@ -253,19 +268,23 @@ def _nf4_gemv_kernel(
         # masks) the last step re-reads its own tile instead of reading past W.
         k_last = (K // BLOCK_K - 1) * BLOCK_K if EVEN else K  # a multiple of BLOCK_K: 16-byte loads
         k_first = tl.minimum(k_start, k_last)
+        if ROW_SCALES:
+            dyn_table = tl.load(dyn_ptr + tl.arange(0, 256))
+        else:
+            dyn_table = None
         words, part, nested = _load_tile_parts(
             packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_first, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB,
-            EVEN,
+            EVEN, ROW_SCALES,
         )
         x = masked_load(x_ptr + k_first + x_col, (k_first + g_col < K)[:, None, None], 0.0, EVEN)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):
             k_next = tl.minimum(k0 + BLOCK_K, k_last)
             next_words, next_part, next_nested = _load_tile_parts(
                 packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_next, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS,
-                SUB, EVEN,
+                SUB, EVEN, ROW_SCALES,
             )
             next_x = masked_load(x_ptr + k_next + x_col, (k_next + g_col < K)[:, None, None], 0.0, EVEN)
-            scale = resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+            scale = resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT, dyn_table)
             acc += _word_dots(table, smem_table, words, x.to(tl.float32), SHUFFLE, MIXED) * scale[:, :, None]
             words, part, nested, x = next_words, next_part, next_nested, next_x
     else:
@@ -327,6 +346,13 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, prefetch=True),
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed"),
     dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
+    # "scales": "rows": the scale parts loaded in fewer global sectors and the dynamic map read from shared
+    # memory (_load_tile_parts): ~16% fewer L1 data-pipe wavefronts at 32x512, the tile it suits (ncu).
+    *[dict(tile, num_stages=1, lookup="shuffle", prefetch=True, scales="rows") for tile in (
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
+    )],
 ]
 
 
@@ -354,7 +380,8 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=_shuffle(config), MIXED=_shuffle(config) and config["lookup"] == "mixed",
-        PREFETCH=config.get("prefetch", False), WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
+        PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
     )
     return out if split_k == 1 else out.to(x2.dtype)
 

@@ -98,6 +98,8 @@ GEMV_SHUFFLE = {"path": "gemv", "config": {**GEMV["config"], "lookup": "shuffle"
 GEMV_PREFETCH = {"path": "gemv", "config": {**GEMV["config"], "num_stages": 1, "prefetch": True}}
 GEMV_PREFETCH_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "num_stages": 1, "prefetch": True}}
 GEMV_MIXED = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "mixed"}}
+GEMV_ROW_SCALES = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "scales": "rows"}}
+GEMV_ROW_SCALES_SPLIT = {"path": "gemv", "config": {**GEMV_PREFETCH_SPLIT["config"], "lookup": "shuffle", "scales": "rows"}}
 MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
@@ -136,13 +138,22 @@ def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=F
 # The shuffle and mixed plans decode by warp shuffles on a GPU and by the shared-memory lookup in the
 # interpreter (no PTX there): under the interpreter they check the plumbing, on a GPU the shuffles.
 @pytest.mark.parametrize(
-    "plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE, GEMV_PREFETCH, GEMV_PREFETCH_SPLIT, GEMV_MIXED],
-    ids=["gemv", "gemv-splitk", "gemv-shuffle", "gemv-prefetch", "gemv-prefetch-splitk", "gemv-mixed"],
+    "plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE, GEMV_PREFETCH, GEMV_PREFETCH_SPLIT, GEMV_MIXED, GEMV_ROW_SCALES,
+             GEMV_ROW_SCALES_SPLIT],
+    ids=["gemv", "gemv-splitk", "gemv-shuffle", "gemv-prefetch", "gemv-prefetch-splitk", "gemv-mixed", "gemv-row-scales",
+         "gemv-row-scales-splitk"],
 )
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv(plan, N, K, block_size, double_quant, bias):
     _check_linear(plan, N, K, block_size, double_quant, 1, torch.bfloat16, bias=bias)
+
+
+@pytest.mark.parametrize("plan", [GEMV_PREFETCH, GEMV_ROW_SCALES], ids=["gemv-prefetch", "gemv-row-scales"])
+def test_gemv_weights_of_several_nested_blocks(plan):
+    # 1536 quantization blocks, 6 nested blocks of 256: the row-scales plan reads one nested absmax per row
+    # and step (rows 0-31 in the first, 32-63 in the second, ...).
+    _check_linear(plan, 192, 512, 64, True, 1, torch.bfloat16, bias=False)
 
 
 def test_gemv_activations_at_an_unaligned_address():
@@ -173,7 +184,10 @@ def _group(rows, K, block_size, double_quant, dtype, bias):
     return nf4, biases, ref_weight, ref_bias
 
 
-@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED], ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed"])
+@pytest.mark.parametrize(
+    "plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED, GEMV_ROW_SCALES],
+    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales"],
+)
 @pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv_group_is_one_launch_over_the_weights(plan, rows, K, block_size, double_quant, bias, monkeypatch):
