@@ -99,7 +99,7 @@ def load_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk, mask, DOUBLE_Q
 @triton.jit
 def gather_table(table, idx):
     """table[idx] for a small table held in registers (any shape of idx). Triton stages the table in
-    shared memory (one store a thread per step for 16 or 256 entries), so a read is one shared load:
+    shared memory (one or two stores a thread per step for 16 or 256 entries), so a read is one shared load:
     no global request, and invisible to the software pipeliner (which turned global codebook gathers
     into per-element async copies)."""
     flat = tl.reshape(idx, [idx.numel])
