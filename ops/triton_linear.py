@@ -492,7 +492,7 @@ MM_CONFIGS = [
     # Scale after the dot (x @ W.T; see the kernel): 16-30% fewer instructions a weight than the same
     # tile scaled before and fewer registers (offline sm_90 compiles), but on an H100 within 5% of the
     # scale-before plans: both are bound by the L1/shared-memory pipe, not by issue (ncu, bench/NOTES.md).
-    # They won M = 4 and 8 on the three largest-K or largest shapes. Only for M <= 16: where M fills
+    # They won M = 4 and 8 on 28672x8192, 8192x28672 and 4096x14336. Only for M <= 16: where M fills
     # BLOCK_M = 64 the multiply-adds on the outputs cost what the multiplies on the weights saved.
     *[dict(BLOCK_M=16, BLOCK_OUT=out, BLOCK_RED=red, SPLIT_K=split, num_warps=4, num_stages=3, lookup="shuffle",
            scale="after")

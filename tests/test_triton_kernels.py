@@ -322,6 +322,13 @@ def test_gpu_chip_names_the_shipped_file():
     assert triton_linear.tuned_configs("h100").exists()
 
 
+def test_scale_after_plans_are_candidates_only_for_x_times_w_transposed_up_to_m_16():
+    def scale_after(M, x_at_w):
+        return [p for p in triton_linear.candidate_plans(M, x_at_w, torch.bfloat16) if p.get("config", {}).get("scale")]
+    assert scale_after(4, False) and scale_after(16, False)
+    assert not scale_after(16, True) and not scale_after(64, False)
+
+
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
 def test_shipped_configs_are_candidates(path):
     entries = json.loads(path.read_text())["plans"]
