@@ -247,18 +247,12 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
             lists = [list(parts) for parts in zip(*(w.args for w in ws))]
             return lambda: triton_linear.nf4_linear_group(x, *lists, BLOCK, list(sizes), K, [None] * len(ws), plan=plan)
 
-        tuning = []
+        timings = []
         if tune_group:
-            for candidate in triton_linear.candidate_plans(1, False, x.dtype):
-                # The prefetching gemv plans: every M = 1 winner, shapes and groups, since they exist.
-                if not candidate.get("config", {}).get("prefetch"):
-                    continue
-                try:
-                    tuning.append({"plan": candidate, "us": graph_us(lambda i: group_call(sets[i], candidate), copies)})
-                except triton.runtime.errors.OutOfResources:
-                    continue
-            best = min(tuning, key=lambda t: t["us"])["plan"]
-            triton_linear._PLANS[(False, sum(sizes), K, 1, x.dtype, BLOCK)] = best
+            # The prefetching gemv plans: every M = 1 winner, shapes and groups, since they exist.
+            candidates = [c for c in triton_linear.candidate_plans(1, False, x.dtype) if c.get("config", {}).get("prefetch")]
+            best = triton_linear.fastest_plan(candidates, lambda plan: [group_call(ws, plan) for ws in sets], timings)
+            triton_linear.remember_plan(x, sum(sizes), K, BLOCK, False, best)
         plan = triton_linear.cached_plan(x, sum(sizes), K, BLOCK, False)
 
         separate = torch.cat([w.fused(x) for w in weights], dim=-1).double()
@@ -269,7 +263,7 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
             "us_separate": graph_us(lambda i: (lambda ws=sets[i]: [w.fused(x) for w in ws]), copies),
             "us_group": graph_us(lambda i: group_call(sets[i]), copies),
             "rel_diff_vs_separate": ((grouped - separate).norm() / separate.norm()).item(),
-            **({"tuning": tuning} if tuning else {}),
+            **({"tuning": [{"plan": p, "us": ms * 1e3} for p, ms in timings]} if timings else {}),
         })
         rows[-1]["speedup"] = rows[-1]["us_separate"] / rows[-1]["us_group"]
         print(json.dumps(rows[-1]), flush=True)

@@ -390,6 +390,16 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
 
 
 @triton.jit
+def _load_x_t(x_ptr, m, M, r, RED, stride_xm, EVEN: tl.constexpr):
+    """x^T [len(r), len(m)]: rows m of x over the reduced columns r. Rows past M are always masked (M is
+    free); the reduced axis only when not EVEN."""
+    x_mask = (m < M)[None, :]
+    if not EVEN:
+        x_mask = x_mask & (r < RED)[:, None]
+    return tl.load(x_ptr + m[None, :] * stride_xm + r[:, None], mask=x_mask, other=0.0)
+
+
+@triton.jit
 def _nf4_mm_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
     M, N, K, stride_w, stride_xm, stride_om,
@@ -419,7 +429,6 @@ def _nf4_mm_kernel(
     table = _codebook(code_ptr, SHUFFLE)
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
-        r = r0 + tl.arange(0, BLOCK_RED)
         if SCALE_AFTER:
             for g in tl.static_range(GROUPS):
                 words, scale = _load_tile(
@@ -427,31 +436,23 @@ def _nf4_mm_kernel(
                     o, o < N, r0 + g * SUB, K, stride_w, QBLOCK, DOUBLE_QUANT, 1, SUB, EVEN,
                 )
                 a = tl.reshape(_decode(table, _codes(words), SHUFFLE), [BLOCK_OUT, SUB])
-                r_g = r0 + g * SUB + tl.arange(0, SUB)
-                x_mask = (m < M)[None, :]
-                if not EVEN:
-                    x_mask = x_mask & (r_g < RED)[:, None]
-                x_t = tl.load(x_ptr + m[None, :] * stride_xm + r_g[:, None], mask=x_mask, other=0.0)
+                x_t = _load_x_t(x_ptr, m, M, r0 + g * SUB + tl.arange(0, SUB), RED, stride_xm, EVEN)
                 acc += tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE)) * scale
-        elif X_AT_W:
-            words, scale = _load_tile(
-                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-                r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
-            )
-            a = tl.trans(tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
         else:
-            words, scale = _load_tile(
-                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-                o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
-            )
-            a = tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
-        if not SCALE_AFTER:
-            # Rows of x past M are always masked (M is free); the reduced axis only when not EVEN.
-            x_mask = (m < M)[None, :]
-            if not EVEN:
-                x_mask = x_mask & (r < RED)[:, None]
-            x_t = tl.load(x_ptr + m[None, :] * stride_xm + r[:, None], mask=x_mask, other=0.0)
-            acc = tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE), acc)
+            r = r0 + tl.arange(0, BLOCK_RED)
+            if X_AT_W:
+                words, scale = _load_tile(
+                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                    r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+                )
+                a = tl.trans(tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
+            else:
+                words, scale = _load_tile(
+                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                    o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+                )
+                a = tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
+            acc = tl.dot(a.to(DOT_DTYPE), _load_x_t(x_ptr, m, M, r, RED, stride_xm, EVEN).to(DOT_DTYPE), acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
@@ -622,6 +623,10 @@ _PLAN_LOCK = threading.Lock()
 DEQUANT_PLAN = {"path": "dequant"}
 
 
+def _plan_key(x2, N, K, block_size, x_at_w) -> tuple:
+    return (x_at_w, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)
+
+
 def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
     """Plans tuned by bench/nf4_kernels.py --tune on this device's chip, if shipped."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -682,6 +687,28 @@ def cuda_graph_us(calls: list) -> float:
 TUNE_L2_FACTOR = 3
 
 
+def fastest_plan(plans, make_calls, timings=None) -> Optional[dict]:
+    """The plan of ``plans`` whose calls (``make_calls(plan)``: one per weight copy) replay fastest as one
+    CUDA graph; a plan that does not fit the GPU (OutOfResources) is skipped. ``timings``, a list,
+    receives (plan, ms) for each plan timed."""
+    best, best_ms = None, float("inf")
+    for plan in plans:
+        try:
+            ms = cuda_graph_us(make_calls(plan)) / 1e3
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if timings is not None:
+            timings.append((plan, ms))
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    return best
+
+
+def remember_plan(x2, N, K, block_size, x_at_w, plan) -> None:
+    """Caches ``plan`` for calls like ``x2``'s (its M bucket and dtype), as tuning does."""
+    _PLANS[_plan_key(x2, N, K, block_size, x_at_w)] = plan
+
+
 def tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, timings=None) -> dict:
     """Time every candidate plan on these arguments, as CUDA-graph replays over copies of the weight
     that overflow L2, and cache the fastest; ``timings``, a list, receives (plan, ms) for each."""
@@ -690,18 +717,12 @@ def tune_plan(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias,
     l2 = torch.cuda.get_device_properties(x2.device).L2_cache_size
     n_copies = min(64, -(-TUNE_L2_FACTOR * l2 // nbytes))
     copies = [[None if t is None else t.clone() for t in weight] for _ in range(n_copies)]
-    best, best_ms = None, float("inf")
-    for plan in candidate_plans(x2.shape[0], x_at_w, x2.dtype):
-        calls = [lambda c=c: run_plan(plan, x2, *c, block_size, N, K, bias, x_at_w) for c in copies]
-        try:
-            ms = cuda_graph_us(calls) / 1e3
-        except triton.runtime.errors.OutOfResources:
-            continue
-        if timings is not None:
-            timings.append((plan, ms))
-        if ms < best_ms:
-            best, best_ms = plan, ms
-    _PLANS[(x_at_w, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)] = best
+    best = fastest_plan(
+        candidate_plans(x2.shape[0], x_at_w, x2.dtype),
+        lambda plan: [lambda c=c: run_plan(plan, x2, *c, block_size, N, K, bias, x_at_w) for c in copies],
+        timings,
+    )
+    remember_plan(x2, N, K, block_size, x_at_w, best)
     return best
 
 
@@ -714,7 +735,7 @@ def cached_plan(x2, N, K, block_size, x_at_w, tune=None) -> dict:
     """The plan for (x_at_w, N, K, M bucket, dtype, block size), chosen once: shipped, else tuned by
     ``tune`` (a weight of this shape is timed; None: never), else the defaults."""
     M = x2.shape[0]
-    key = (x_at_w, N, K, _m_bucket(M), x2.dtype, block_size)
+    key = _plan_key(x2, N, K, block_size, x_at_w)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from nf4compile import format as nf4_format  # noqa: E402
 from nf4compile.ops import triton_dequantize, triton_linear  # noqa: E402
@@ -320,6 +320,21 @@ def test_gpu_chip_names_the_shipped_file():
     assert triton_linear.gpu_chip("NVIDIA H200") == "h200"
     assert triton_linear.gpu_chip("NVIDIA A100-SXM4-80GB") == "a100"
     assert triton_linear.tuned_configs("h100").exists()
+
+
+def test_fastest_plan_skips_plans_that_do_not_fit_and_reports_every_timing(monkeypatch):
+    # The tuner's choice without a GPU: each "call" returns its plan's time; one plan does not fit.
+    times = {"a": 30.0, "b": 10.0, "c": 20.0}
+
+    def graph_us(calls):
+        if calls[0]() == "big":
+            raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        return sum(times[call()] for call in calls) / len(calls)
+
+    monkeypatch.setattr(triton_linear, "cuda_graph_us", graph_us)
+    timings = []
+    best = triton_linear.fastest_plan(["a", "big", "b", "c"], lambda plan: [lambda: plan] * 3, timings)
+    assert best == "b" and timings == [("a", 0.03), ("b", 0.01), ("c", 0.02)]
 
 
 def test_scale_after_plans_are_candidates_only_for_x_times_w_transposed_up_to_m_16():
