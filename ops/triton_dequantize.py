@@ -125,8 +125,8 @@ def lane_codebook(code_ptr):
 def shuffle_lookup(entry, idx):
     """codebook[idx & 15] as one warp shuffle from lane_codebook's entries: no shared memory and no
     mask (segment mask 0x10: the shuffle reads lane (lane & 16) | (idx & 15)), so fewer
-    instructions than lookup; but on an H100 a shuffle takes two cycles of the shared-memory pipe
-    that a conflict-free lookup takes one of (bench/NOTES.md). All lanes of a warp must execute it
+    instructions than lookup; on an H100 either costs one wavefront of the L1's data pipe per 32
+    codes (ncu, bench/NOTES.md). All lanes of a warp must execute it
     together (the kernels have no divergent branches). GPU only (PTX)."""
     return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=f,f,r", [entry, idx],
                                      dtype=tl.float32, is_pure=True, pack=1)

@@ -22,8 +22,7 @@ NF4COMPILE_AUTOTUNE=1, and otherwise from the measured defaults below. A plan, o
 
 Both fused kernels look codes up in the 16-entry codebook either in shared memory or by warp
 shuffles from registers (a plan's "lookup"), whichever measured faster for the shape; the gemv may
-also mix the two, half the codes each ("mixed": fewer cycles of the shared-memory pipe per code
-than either alone, see _word_dots).
+also mix the two, half the codes each ("mixed", see _word_dots).
 
 Activations: fp16 and bf16 take every path. fp32 activations take the gemv path (exact fp32
 arithmetic) or dequantize to fp32 + torch.matmul, which keeps torch's TF32 setting in charge; the
@@ -187,9 +186,9 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
     a tree of four multiplies, four multiply-adds and three adds.
 
     MIXED decodes the high nibbles from the shared-memory table (``smem_table``) and the low ones by
-    shuffles (``table`` is the lane's entry): on an H100 a shuffle costs two cycles of the
-    shared-memory pipe and a conflict-free lookup one, so the mix takes 12 pipe cycles per 8 codes
-    where shuffles take 16, at fewer instructions than lookups alone."""
+    shuffles (``table`` is the lane's entry), a plan the second session's model of the shared-memory
+    pipe predicted faster (two cycles a shuffle, one a lookup); ncu later measured one wavefront for
+    either (bench/NOTES.md), and it never won by more than noise."""
     if MIXED:
         high = lookup(smem_table, tl.join(tl.join(words >> 4, words >> 20), tl.join(words >> 12, words >> 28)))
         high_a, high_b = tl.split(high)
