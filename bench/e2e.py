@@ -277,7 +277,8 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     # gate, up) are not grouped into one launch. For this compile only.
     switches = {"nf4compile-unfused": {"NF4COMPILE_FUSE": "0"}, "nf4compile-ungrouped": {"NF4COMPILE_GROUP": "0"}}
     with torch.no_grad(), mock.patch.dict(os.environ, switches.get(method, {})):
-        _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache)
+        warmup: dict = {}
+        _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache, warmup)
         warmup_s = time.perf_counter() - start
         prefill_s = []
         for _ in range(PREFILL_REPEATS):
@@ -293,6 +294,8 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         decode_tok_s_total=batch * (new_tokens - 1) / timings["decode_s"],
         compile_s=warmup_s if method in COMPILED else None,
     )
+    if method in COMPILED:  # where the warm-up went; the rest is the compiled step's first runs and graph capture
+        result.update(compile_prefill_s=warmup["prefill_s"], compile_phases_s=compile_phases())
     if code:  # Inductor's output: did the pass fuse (nf4compile: every NF4 layer one linear, no dequantize)?
         result.update(decode_graph="trees" if method.endswith("-trees") or args.decode_graph == "trees" else "step",
                       fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
@@ -301,6 +304,18 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     if device.type == "cuda":
         result["peak_gb"] = (torch.cuda.max_memory_allocated() - baseline + model._bench_weight_bytes) / 1e9
     return result
+
+
+# Dynamo's timers (reset by torch._dynamo.reset in cleanup): tracing + backend, Inductor's lowering, our and
+# Inductor's passes, and the wait for Inductor's parallel Triton builds. Our kernels build at their first run.
+COMPILE_PHASES = ("_compile.compile_inner", "OutputGraph.call_user_compiler", "_recursive_post_grad_passes",
+                  "GraphLowering.codegen", "async_compile.wait")
+
+
+def compile_phases() -> dict:
+    names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    measured = dict(zip(names, seconds))
+    return {name: float(measured[name]) for name in COMPILE_PHASES if name in measured}
 
 
 def cleanup(device) -> None:

@@ -30,6 +30,9 @@ def test_small_run_writes_every_method(tmp_path):
         assert r["status"] == "ok", (method, r.get("error"), r.get("trace"))
         assert r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 and r["new_tokens"] == 8
         assert (r["compile_s"] is not None) == (method in e2e.COMPILED)
+        if method in e2e.COMPILED:  # the warm-up's breakdown: its eager prefill and Dynamo's own time within it
+            assert 0 < r["compile_prefill_s"] < r["compile_s"]
+            assert 0 < r["compile_phases_s"]["_compile.compile_inner"] < r["compile_s"]
     (written,) = tmp_path.glob("e2e-small-*.json")
     assert json.loads(written.read_text())["results"] == json.loads(json.dumps(report["results"]))
     assert [t["target"] for t in report["targets"]] == [t[0] for t in e2e.TARGETS]
