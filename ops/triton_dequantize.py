@@ -7,6 +7,7 @@ Also home of the pieces every NF4 kernel shares: the device copies of the two lo
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -15,16 +16,26 @@ import triton.language as tl
 from nf4compile import format as nf4_format
 from nf4compile.ops.nf4_ops import check_scales, dequantize
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Kernels run PTX (inline asm) only when compiled; under TRITON_INTERPRET=1 they take a plain-Triton path
+# with the same values.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+# The codebook values of each byte's two codes (high nibble first) as fp16 pairs packed in an int32
+# (the first in the low half): "pairs" plans decode two weights per shared-memory read. fp16 keeps 11
+# significant bits (relative error <= 2**-11 per value, below the bf16 rounding of a dequantized weight).
+NF4_FP16_PAIRS = nf4_format.NF4_PAIRS.to(torch.float16).view(torch.int32).reshape(256)
 
 
-def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NF4 codebook fp32[16], signed dynamic map fp32[256]) on ``device``, copied once.
+def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NF4 codebook fp32[16], signed dynamic map fp32[256], codebook pairs int32[256]) on ``device``,
+    copied once.
 
     Cached so that a call inside a CUDA graph capture never copies from the host.
     """
     if device not in _TABLES:
-        _TABLES[device] = (nf4_format.NF4_CODEBOOK.to(device), nf4_format.DYNAMIC_MAP.to(device))
+        _TABLES[device] = tuple(t.to(device) for t in (nf4_format.NF4_CODEBOOK, nf4_format.DYNAMIC_MAP, NF4_FP16_PAIRS))
     return _TABLES[device]
 
 
@@ -133,6 +144,90 @@ def shuffle_lookup(entry, idx):
 
 
 @triton.jit
+def codebook_pairs(pair_ptr):
+    """What pair_lookup reads: on a GPU this lane's byte offset (4 * lane) in a shared-memory copy of the
+    256 codebook pairs (int32 each), in the interpreter the pairs themselves.
+
+    The copy is staged once per program, one copy per lane (entry e of lane l at word 32 e + l, 32 KB),
+    so that any 32 reads of a warp hit 32 banks: one L1 data-pipe wavefront per 64 codes, half what
+    shuffles cost (the gemv's bound, bench/NOTES.md). A static array declared in PTX because Triton 3.6
+    gives a kernel no shared memory of its own: a tl.gather from a staged table restages it in the loop.
+    Called once per kernel (the PTX declares a symbol)."""
+    if INTERPRETED:
+        return tl.load(pair_ptr + tl.arange(0, 256))
+    else:
+        base = tl.inline_asm_elementwise(".shared .align 16 .b32 nf4_pairs[8192];\n\tmov.u32 $0, nf4_pairs;", "=r", [],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+        quad = tl.arange(0, 2048)  # 16 bytes each: one entry's copies for 4 lanes
+        tl.inline_asm_elementwise("st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r",
+                                  [base + 16 * quad, tl.load(pair_ptr + quad // 8)], dtype=tl.int32, is_pure=False, pack=1)
+        # Side-effecting asm keeps its order: every thread's stores, then the barrier, then any read.
+        return tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r", [],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pair_values(pair):
+    """The two fp32 values of fp16 pairs (the first in the low half)."""
+    low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def pair_lookup(pairs, words):
+    """The codebook values (fp32) of each 32-bit word's 8 codes, in element order (8 tensors): one
+    shared-memory read per byte from codebook_pairs' copy, which ``pairs`` addresses."""
+    if INTERPRETED:
+        d0, d1 = _pair_values(gather_table(pairs, words & 0xFF))
+        d2, d3 = _pair_values(gather_table(pairs, (words >> 8) & 0xFF))
+        d4, d5 = _pair_values(gather_table(pairs, (words >> 16) & 0xFF))
+        d6, d7 = _pair_values(gather_table(pairs, (words >> 24) & 0xFF))
+        return d0, d1, d2, d3, d4, d5, d6, d7
+    else:
+        # Byte j's entry lies at 128 * byte + 4 * lane (bits 7-14 and 2-6) past the table, whose address
+        # is a constant that ptxas folds into the load.
+        return tl.inline_asm_elementwise(
+            """{
+        .reg .b32 a, p, t;
+        .reg .b16 lo, hi;
+        mov.u32 t, nf4_pairs;
+        shl.b32 a, $8, 7;
+        and.b32 a, a, 32640;
+        or.b32 a, a, $9;
+        add.u32 a, a, t;
+        ld.shared.b32 p, [a];
+        mov.b32 {lo, hi}, p;
+        cvt.f32.f16 $0, lo;
+        cvt.f32.f16 $1, hi;
+        shr.b32 a, $8, 1;
+        and.b32 a, a, 32640;
+        or.b32 a, a, $9;
+        add.u32 a, a, t;
+        ld.shared.b32 p, [a];
+        mov.b32 {lo, hi}, p;
+        cvt.f32.f16 $2, lo;
+        cvt.f32.f16 $3, hi;
+        shr.b32 a, $8, 9;
+        and.b32 a, a, 32640;
+        or.b32 a, a, $9;
+        add.u32 a, a, t;
+        ld.shared.b32 p, [a];
+        mov.b32 {lo, hi}, p;
+        cvt.f32.f16 $4, lo;
+        cvt.f32.f16 $5, hi;
+        shr.b32 a, $8, 17;
+        and.b32 a, a, 32640;
+        or.b32 a, a, $9;
+        add.u32 a, a, t;
+        ld.shared.b32 p, [a];
+        mov.b32 {lo, hi}, p;
+        cvt.f32.f16 $6, lo;
+        cvt.f32.f16 $7, hi;
+        }""", "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [words, pairs], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, out_ptr,
     numel, nbytes,
@@ -169,7 +264,7 @@ def nf4_dequantize(packed, absmax, nested_absmax, offset, block_size, shape, dty
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     if numel == 0:
         return out
-    code, dyn = lookup_tables(packed.device)
+    code, dyn, _ = lookup_tables(packed.device)
     double_quant = nested_absmax is not None
     grid = (-(-numel // DEQUANT_BLOCK),)
     _nf4_dequantize_kernel[grid](

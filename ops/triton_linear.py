@@ -22,7 +22,9 @@ NF4COMPILE_AUTOTUNE=1, and otherwise from the measured defaults below. A plan, o
 
 Both fused kernels look codes up in the 16-entry codebook either in shared memory or by warp
 shuffles from registers (a plan's "lookup"), whichever measured faster for the shape; the gemv may
-also mix the two, half the codes each ("mixed", see _word_dots).
+also mix the two, half the codes each ("mixed", see _word_dots). "pairs" reads two codes at once: a
+byte's two values from a per-lane shared-memory copy of the 256 fp16 codebook pairs
+(codebook_pairs), half the L1 operations of the other lookups, which bound the kernels.
 
 Activations: fp16 and bf16 take every path. fp32 activations take the gemv path (exact fp32
 arithmetic) or dequantize to fp32 + torch.matmul, which keeps torch's TF32 setting in charge; the
@@ -47,8 +49,8 @@ from nf4compile.ops.nf4_ops import (
     ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
 )
 from nf4compile.ops.triton_dequantize import (
-    gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize, resolve_scales,
-    shuffle_lookup, well_formed,
+    codebook_pairs, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize,
+    pair_lookup, resolve_scales, shuffle_lookup, well_formed,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -163,6 +165,18 @@ def _decode(table, codes, SHUFFLE: tl.constexpr):
         return lookup(table, codes)
 
 
+@triton.jit
+def _decode_words(table, words, SHUFFLE: tl.constexpr, PAIRS: tl.constexpr):
+    """The codebook values (fp32) of words [..] as [.., 8] in element order: by _decode of each code,
+    or with PAIRS by pair_lookup of each byte (``table`` from codebook_pairs), joined in _codes' order."""
+    if PAIRS:
+        d0, d1, d2, d3, d4, d5, d6, d7 = pair_lookup(table, words)
+        values = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+        return tl.reshape(values, [words.shape[0], words.shape[1], words.shape[2], 8])
+    else:
+        return _decode(table, _codes(words), SHUFFLE)
+
+
 # gemv -------------------------------------------------------------------------------------------
 
 
@@ -180,7 +194,7 @@ def _split8(t):
 
 
 @triton.jit
-def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.constexpr):
+def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.constexpr, PAIRS: tl.constexpr):
     """The dot product of each word's 8 codebook values with x: words [R, G, W], x [G, W, 8] (fp32)
     -> [R, G, W], one multiply and seven multiply-adds per word; tl.sum over the axis of 8 compiles to
     a tree of four multiplies, four multiply-adds and three adds.
@@ -188,7 +202,7 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
     MIXED decodes the high nibbles from the shared-memory table (``smem_table``) and the low ones by
     shuffles (``table`` is the lane's entry), a plan the second session's model of the shared-memory
     pipe predicted faster (two cycles a shuffle, one a lookup); ncu later measured one wavefront for
-    either (bench/NOTES.md), and it never won by more than noise."""
+    either (bench/NOTES.md), and it never won by more than noise. PAIRS: ``table`` from codebook_pairs."""
     if MIXED:
         high = lookup(smem_table, tl.join(tl.join(words >> 4, words >> 20), tl.join(words >> 12, words >> 28)))
         high_a, high_b = tl.split(high)
@@ -199,7 +213,7 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
         d5 = shuffle_lookup(table, words >> 16)
         d7 = shuffle_lookup(table, words >> 24)
     else:
-        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(_decode(table, _codes(words), SHUFFLE))
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(_decode_words(table, words, SHUFFLE, PAIRS))
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x[None, :, :, :])
     dots = d0 * x0
     dots += d1 * x1
@@ -214,14 +228,14 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
 
 @triton.jit
 def _nf4_gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
     N, K, stride_w,
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
-    MIXED: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
+    MIXED: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
     # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
     # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is the row-concatenation of
@@ -255,7 +269,10 @@ def _nf4_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    table = _codebook(code_ptr, SHUFFLE)
+    if PAIRS:
+        table = codebook_pairs(pair_ptr)
+    else:
+        table = _codebook(code_ptr, SHUFFLE)
     smem_table = _codebook(code_ptr, False)  # read by MIXED lookups only
     # Partial sums per word, reduced across threads once after the loop, not every step. Scales
     # multiply each word's dot product, not each weight.
@@ -284,7 +301,7 @@ def _nf4_gemv_kernel(
             )
             next_x = masked_load(x_ptr + k_next + x_col, (k_next + g_col < K)[:, None, None], 0.0, EVEN)
             scale = resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT, dyn_table)
-            acc += _word_dots(table, smem_table, words, x.to(tl.float32), SHUFFLE, MIXED) * scale[:, :, None]
+            acc += _word_dots(table, smem_table, words, x.to(tl.float32), SHUFFLE, MIXED, PAIRS) * scale[:, :, None]
             words, part, nested, x = next_words, next_part, next_nested, next_x
     else:
         # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
@@ -294,7 +311,7 @@ def _nf4_gemv_kernel(
                 rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
             )
             x = masked_load(x_ptr + k0 + x_col, (k0 + g_col < K)[:, None, None], 0.0, EVEN).to(tl.float32)
-            acc += _word_dots(table, smem_table, words, x, SHUFFLE, MIXED) * scale[:, :, None]
+            acc += _word_dots(table, smem_table, words, x, SHUFFLE, MIXED, PAIRS) * scale[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -352,6 +369,21 @@ GEMV_CONFIGS = [
         dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
         dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
     )],
+    # "pairs": two codes per shared-memory read from a per-lane copy of the fp16 pair table
+    # (codebook_pairs), half the data-pipe wavefronts of the shuffles.
+    *[dict(tile, num_stages=1, lookup="pairs", prefetch=True) for tile in (
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4),
+    )],
+    *[dict(tile, num_stages=1, lookup="pairs", prefetch=True, scales="rows") for tile in (
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
+    )],
 ]
 
 
@@ -364,7 +396,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     split_k, block_n = config["SPLIT_K"], config["BLOCK_N"]
     row_counts = (N, *(w[4] for w in siblings))
     out = _output(1, sum(row_counts), x2, split_k)
-    code, dyn = lookup_tables(x2.device)
+    code, dyn, pairs = lookup_tables(x2.device)
     sub = min(config["BLOCK_K"], block_size)
     grid = (sum(-(-n // block_n) for n in row_counts), split_k)
     sibling_args = []
@@ -373,12 +405,13 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
                          sibling_bias if sibling_bias is not None else out, rows]
     sibling_args += [packed, absmax, absmax, absmax, out, 0] * (2 - len(siblings))  # slots the kernel never reads
     _nf4_gemv_kernel[grid](
-        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
+        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
         bias if bias is not None else out, out, N, K, K // 8, *sibling_args,
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=_shuffle(config), MIXED=_shuffle(config) and config["lookup"] == "mixed",
+        PAIRS=config.get("lookup") == "pairs",
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
         WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
     )
@@ -400,13 +433,13 @@ def _load_x_t(x_ptr, m, M, r, RED, stride_xm, EVEN: tl.constexpr):
 
 @triton.jit
 def _nf4_mm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, bias_ptr, out_ptr,
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
     M, N, K, stride_w, stride_xm, stride_om,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
     GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
-    SCALE_AFTER: tl.constexpr,
+    PAIRS: tl.constexpr, SCALE_AFTER: tl.constexpr,
 ):
     # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
     # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
@@ -425,7 +458,10 @@ def _nf4_mm_kernel(
     o = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     red_per_split = tl.cdiv(tl.cdiv(RED, BLOCK_RED), SPLIT_K) * BLOCK_RED
     r_start = pid_k * red_per_split
-    table = _codebook(code_ptr, SHUFFLE)
+    if PAIRS:
+        table = codebook_pairs(pair_ptr)
+    else:
+        table = _codebook(code_ptr, SHUFFLE)
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
         if SCALE_AFTER:
@@ -434,7 +470,7 @@ def _nf4_mm_kernel(
                     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                     o, o < N, r0 + g * SUB, K, stride_w, QBLOCK, DOUBLE_QUANT, 1, SUB, EVEN,
                 )
-                a = tl.reshape(_decode(table, _codes(words), SHUFFLE), [BLOCK_OUT, SUB])
+                a = tl.reshape(_decode_words(table, words, SHUFFLE, PAIRS), [BLOCK_OUT, SUB])
                 x_t = _load_x_t(x_ptr, m, M, r0 + g * SUB + tl.arange(0, SUB), RED, stride_xm, EVEN)
                 acc += tl.dot(a.to(DOT_DTYPE), x_t.to(DOT_DTYPE)) * scale
         else:
@@ -444,13 +480,13 @@ def _nf4_mm_kernel(
                     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                     r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
                 )
-                a = tl.trans(tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
+                a = tl.trans(tl.reshape(_decode_words(table, words, SHUFFLE, PAIRS) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
             else:
                 words, scale = _load_tile(
                     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                     o, o < N, r0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
                 )
-                a = tl.reshape(_decode(table, _codes(words), SHUFFLE) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
+                a = tl.reshape(_decode_words(table, words, SHUFFLE, PAIRS) * scale[:, :, None, None], [BLOCK_OUT, BLOCK_RED])
             acc = tl.dot(a.to(DOT_DTYPE), _load_x_t(x_ptr, m, M, r, RED, stride_xm, EVEN).to(DOT_DTYPE), acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
@@ -506,19 +542,19 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
     out_dim = K if x_at_w else N
     split_k = config["SPLIT_K"]
     out = _output(M, out_dim, x2, split_k)
-    code, dyn = lookup_tables(x2.device)
+    code, dyn, pairs = lookup_tables(x2.device)
     tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
     sub = min(tile_w, block_size)
     grid = (-(-M // config["BLOCK_M"]), -(-out_dim // config["BLOCK_OUT"]), split_k)
     _nf4_mm_kernel[grid](
-        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn,
+        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
         bias if bias is not None else out, out,
         M, N, K, K // 8, x2.stride(0), out.stride(0),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
         X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
         BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
-        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=_shuffle(config),
+        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=_shuffle(config), PAIRS=config.get("lookup") == "pairs",
         SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
         EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],

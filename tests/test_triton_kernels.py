@@ -100,6 +100,8 @@ GEMV_PREFETCH_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "num_s
 GEMV_MIXED = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "mixed"}}
 GEMV_ROW_SCALES = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "scales": "rows"}}
 GEMV_ROW_SCALES_SPLIT = {"path": "gemv", "config": {**GEMV_PREFETCH_SPLIT["config"], "lookup": "shuffle", "scales": "rows"}}
+GEMV_PAIRS = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "pairs"}}
+GEMV_PAIRS_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "lookup": "pairs", "scales": "rows"}}
 MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
@@ -108,6 +110,8 @@ MM_SHUFFLE = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "shuffle"
 # it is 64 (MM_AFTER_SPLIT); x @ W runs the scale-before kernel.
 MM_AFTER = {"path": "mm", "config": {**MM["config"], "scale": "after"}}
 MM_AFTER_SPLIT = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "shuffle", "scale": "after"}}
+MM_PAIRS = {"path": "mm", "config": {**MM_SPLIT["config"], "lookup": "pairs"}}
+MM_AFTER_PAIRS = {"path": "mm", "config": {**MM["config"], "lookup": "pairs", "scale": "after"}}
 DEQUANT = {"path": "dequant"}
 
 # (N, K, block_size, double_quant): N and K not powers of two, K = block size, K < a tile, and
@@ -136,12 +140,13 @@ def _check_linear(plan, N, K, block_size, double_quant, M, dtype, bias, x_at_w=F
 
 
 # The shuffle and mixed plans decode by warp shuffles on a GPU and by the shared-memory lookup in the
-# interpreter (no PTX there): under the interpreter they check the plumbing, on a GPU the shuffles.
+# interpreter (no PTX there): under the interpreter they check the plumbing, on a GPU the shuffles. The
+# pairs plans read the fp16 pair table by a gather in the interpreter, from a PTX-staged copy on a GPU.
 @pytest.mark.parametrize(
     "plan", [GEMV, GEMV_SPLIT, GEMV_SHUFFLE, GEMV_PREFETCH, GEMV_PREFETCH_SPLIT, GEMV_MIXED, GEMV_ROW_SCALES,
-             GEMV_ROW_SCALES_SPLIT],
+             GEMV_ROW_SCALES_SPLIT, GEMV_PAIRS, GEMV_PAIRS_SPLIT],
     ids=["gemv", "gemv-splitk", "gemv-shuffle", "gemv-prefetch", "gemv-prefetch-splitk", "gemv-mixed", "gemv-row-scales",
-         "gemv-row-scales-splitk"],
+         "gemv-row-scales-splitk", "gemv-pairs", "gemv-pairs-splitk"],
 )
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("bias", [True, False])
@@ -185,8 +190,8 @@ def _group(rows, K, block_size, double_quant, dtype, bias):
 
 
 @pytest.mark.parametrize(
-    "plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED, GEMV_ROW_SCALES],
-    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales"],
+    "plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED, GEMV_ROW_SCALES, GEMV_PAIRS],
+    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales", "gemv-pairs"],
 )
 @pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
 @pytest.mark.parametrize("bias", [True, False])
@@ -219,8 +224,9 @@ def test_linear_group_refuses_lists_of_different_lengths():
 
 
 @pytest.mark.parametrize(
-    "plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE, MM_AFTER, MM_AFTER_SPLIT],
-    ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle", "mm-scale-after", "mm-scale-after-splitk"],
+    "plan", [MM, MM_SPLIT, MM_WIDE, MM_SHUFFLE, MM_AFTER, MM_AFTER_SPLIT, MM_PAIRS, MM_AFTER_PAIRS],
+    ids=["mm", "mm-splitk", "mm-wide", "mm-shuffle", "mm-scale-after", "mm-scale-after-splitk", "mm-pairs",
+         "mm-scale-after-pairs"],
 )
 @pytest.mark.parametrize("N,K,block_size,double_quant", LINEAR_CASES)
 @pytest.mark.parametrize("x_at_w", [False, True], ids=["xWt", "xW"])
