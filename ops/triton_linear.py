@@ -397,6 +397,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     row_counts = (N, *(w[4] for w in siblings))
     out = _output(1, sum(row_counts), x2, split_k)
     code, dyn, pairs = lookup_tables(x2.device)
+    shuffle, mixed, use_pairs = _lookups(config, x2.dtype)
     sub = min(config["BLOCK_K"], block_size)
     grid = (sum(-(-n // block_n) for n in row_counts), split_k)
     sibling_args = []
@@ -410,8 +411,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
-        SHUFFLE=_shuffle(config), MIXED=_shuffle(config) and config["lookup"] == "mixed",
-        PAIRS=config.get("lookup") == "pairs",
+        SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
         WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
     )
@@ -543,6 +543,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
     split_k = config["SPLIT_K"]
     out = _output(M, out_dim, x2, split_k)
     code, dyn, pairs = lookup_tables(x2.device)
+    shuffle, _, use_pairs = _lookups(config, x2.dtype)
     tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
     sub = min(tile_w, block_size)
     grid = (-(-M // config["BLOCK_M"]), -(-out_dim // config["BLOCK_OUT"]), split_k)
@@ -554,7 +555,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
         X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
         BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
-        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=_shuffle(config), PAIRS=config.get("lookup") == "pairs",
+        GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=shuffle, PAIRS=use_pairs,
         SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
         EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -565,10 +566,18 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _shuffle(config) -> bool:
-    # Configs with "lookup": "shuffle" (or "mixed", gemv only) decode by warp shuffles, which run no
-    # PTX in the interpreter: there they take the shared-memory lookup (the same values).
-    return config.get("lookup") in ("shuffle", "mixed") and not INTERPRET
+def _lookups(config, dtype) -> tuple[bool, bool, bool]:
+    """The kernels' (SHUFFLE, MIXED, PAIRS) flags for a config's "lookup" and the activations' dtype.
+
+    Shuffles (and "mixed", gemv only) run no PTX in the interpreter: there they take the shared-memory
+    lookup (the same values). The pair table holds fp16 values (relative error up to 2**-11, no more than the
+    rounding of a 16-bit result): fp32 activations, which the gemv computes exactly, decode the same tile
+    by shuffles instead."""
+    lookup = config.get("lookup")
+    if lookup == "pairs" and dtype == torch.float32:
+        lookup = "shuffle"
+    shuffle = lookup in ("shuffle", "mixed") and not INTERPRET
+    return shuffle, shuffle and lookup == "mixed", lookup == "pairs"
 
 
 def _nested_args(absmax, nested_absmax, offset):
@@ -626,7 +635,8 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
     plans = [{"path": "dequant"}]
     bucket = _m_bucket(M)
     if not x_at_w and bucket <= GEMV_MAX_M:
-        plans += [{"path": "gemv", "config": c} for c in GEMV_CONFIGS]
+        # fp32 activations would run a pairs config by shuffles (_lookups): the shuffle configs are timed instead.
+        plans += [{"path": "gemv", "config": c} for c in GEMV_CONFIGS if dtype in _TL_DTYPES or c.get("lookup") != "pairs"]
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
         fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)

@@ -170,9 +170,11 @@ def test_gemv_activations_at_an_unaligned_address():
     assert rel_err(out, x.double() @ w64.T) < 1e-2
 
 
+# fp32 within 1e-5 of float64: a pairs plan (fp16 pair table) decodes fp32 activations by shuffles.
+@pytest.mark.parametrize("plan", [GEMV, GEMV_PAIRS], ids=["gemv", "gemv-pairs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_gemv_dtypes(dtype):
-    _check_linear(GEMV, 40, 192, 64, True, 1, dtype, bias=True)
+def test_gemv_dtypes(plan, dtype):
+    _check_linear(plan, 40, 192, 64, True, 1, dtype, bias=True)
 
 
 # Sibling groups: (rows of each weight, K, block_size, double_quant); rows not multiples of the tile
@@ -348,6 +350,14 @@ def test_scale_after_plans_are_candidates_only_for_x_times_w_transposed_up_to_m_
         return [p for p in triton_linear.candidate_plans(M, x_at_w, torch.bfloat16) if p.get("config", {}).get("scale")]
     assert scale_after(4, False) and scale_after(16, False)
     assert not scale_after(16, True) and not scale_after(64, False)
+
+
+def test_pairs_plans_are_candidates_for_16_bit_activations_only():
+    def lookups(dtype):
+        return {p["config"].get("lookup") for p in triton_linear.candidate_plans(1, False, dtype) if p["path"] == "gemv"}
+
+    assert "pairs" in lookups(torch.bfloat16) and "pairs" in lookups(torch.float16)
+    assert "pairs" not in lookups(torch.float32) and "shuffle" in lookups(torch.float32)
 
 
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
