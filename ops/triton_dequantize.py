@@ -17,8 +17,8 @@ from nf4compile import format as nf4_format
 from nf4compile.ops.nf4_ops import check_scales, dequantize
 
 # Kernels run PTX (inline asm) only when compiled; under TRITON_INTERPRET=1 they take a plain-Triton path
-# with the same values.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# with the same values. A constexpr, so that kernels may read it; host code reads it as a bool.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -153,7 +153,7 @@ def codebook_pairs(pair_ptr):
     shuffles cost (the gemv's bound, bench/NOTES.md). A static array declared in PTX because Triton 3.6
     gives a kernel no shared memory of its own: a tl.gather from a staged table restages it in the loop.
     Called once per kernel (the PTX declares a symbol)."""
-    if INTERPRETED:
+    if INTERPRET:
         return tl.load(pair_ptr + tl.arange(0, 256))
     else:
         base = tl.inline_asm_elementwise(".shared .align 16 .b32 nf4_pairs[8192];\n\tmov.u32 $0, nf4_pairs;", "=r", [],
@@ -178,7 +178,7 @@ def _pair_values(pair):
 def pair_lookup(pairs, words):
     """The codebook values (fp32) of each 32-bit word's 8 codes, in element order (8 tensors): one
     shared-memory read per byte from codebook_pairs' copy, which ``pairs`` addresses."""
-    if INTERPRETED:
+    if INTERPRET:
         d0, d1 = _pair_values(gather_table(pairs, words & 0xFF))
         d2, d3 = _pair_values(gather_table(pairs, (words >> 8) & 0xFF))
         d4, d5 = _pair_values(gather_table(pairs, (words >> 16) & 0xFF))

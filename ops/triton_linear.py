@@ -49,11 +49,10 @@ from nf4compile.ops.nf4_ops import (
     ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
 )
 from nf4compile.ops.triton_dequantize import (
-    codebook_pairs, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load, nf4_dequantize,
-    pair_lookup, resolve_scales, shuffle_lookup, well_formed,
+    INTERPRET, codebook_pairs, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load,
+    nf4_dequantize, pair_lookup, resolve_scales, shuffle_lookup, well_formed,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def gpu_chip(device_name: str) -> str:
@@ -351,8 +350,10 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="shuffle"),
     # "prefetch": the next step's codes loaded into registers while this one decodes (a step of loads
     # always in flight per thread, for 16-32 more registers). "mixed": half the codes by shuffles, half
-    # from shared memory (see _word_dots). Every prefetch tile with both lookups.
-    *[dict(tile, num_stages=1, lookup=lookup, prefetch=True) for lookup in ("shuffle", "mixed") for tile in (
+    # from shared memory (see _word_dots). "pairs": two codes per shared-memory read from a per-lane copy
+    # of the fp16 pair table (codebook_pairs), half the data-pipe wavefronts of the shuffles. Every
+    # prefetch tile with each lookup.
+    *[dict(tile, num_stages=1, lookup=lookup, prefetch=True) for lookup in ("shuffle", "mixed", "pairs") for tile in (
         dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
         dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4),
         dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
@@ -362,24 +363,10 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, prefetch=True),
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed"),
     dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
+    dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8, num_stages=1, lookup="pairs", prefetch=True),
     # "scales": "rows": the scale parts loaded in fewer global sectors and the dynamic map read from shared
     # memory (_load_tile_parts): ~16% fewer L1 data-pipe wavefronts at 32x512, the tile it suits (ncu).
-    *[dict(tile, num_stages=1, lookup="shuffle", prefetch=True, scales="rows") for tile in (
-        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
-        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
-        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
-    )],
-    # "pairs": two codes per shared-memory read from a per-lane copy of the fp16 pair table
-    # (codebook_pairs), half the data-pipe wavefronts of the shuffles.
-    *[dict(tile, num_stages=1, lookup="pairs", prefetch=True) for tile in (
-        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
-        dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4),
-        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
-        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
-        dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8),
-        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4),
-    )],
-    *[dict(tile, num_stages=1, lookup="pairs", prefetch=True, scales="rows") for tile in (
+    *[dict(tile, num_stages=1, lookup=lookup, prefetch=True, scales="rows") for lookup in ("shuffle", "pairs") for tile in (
         dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
         dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
         dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
