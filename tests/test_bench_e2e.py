@@ -33,11 +33,20 @@ def test_small_run_writes_every_method(tmp_path):
         if method in e2e.COMPILED:  # the warm-up's breakdown: its eager prefill and Dynamo's own time within it
             assert 0 < r["compile_prefill_s"] < r["compile_s"]
             assert 0 < r["compile_phases_s"]["_compile.compile_inner"] < r["compile_s"]
+            assert r["compile_cache_hits"] >= 0
     (written,) = tmp_path.glob("e2e-small-*.json")
     assert json.loads(written.read_text())["results"] == json.loads(json.dumps(report["results"]))
     assert [t["target"] for t in report["targets"]] == [t[0] for t in e2e.TARGETS]
     if importlib.util.find_spec("matplotlib"):
         assert written.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_compile_time_target_compares_cold_compiles_only():
+    e2e = _e2e()
+    nf4, bf16 = dict(compile_s=36.0, compile_cache_hits=0), dict(compile_s=24.0, compile_cache_hits=0)
+    assert e2e.cold_compile_ratio(nf4, bf16) == 1.5
+    assert e2e.cold_compile_ratio(dict(nf4, compile_cache_hits=2), bf16) is None
+    assert e2e.cold_compile_ratio(nf4, dict(bf16, compile_cache_hits=1)) is None
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
