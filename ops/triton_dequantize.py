@@ -6,6 +6,8 @@ Also home of the pieces every NF4 kernel shares: the device copies of the two lo
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 
@@ -164,6 +166,47 @@ def codebook_pairs(pair_ptr):
         # Side-effecting asm keeps its order: every thread's stores, then the barrier, then any read.
         return tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r", [],
                                          dtype=tl.int32, is_pure=False, pack=1)
+
+
+# CUfunction attributes (cuda.h).
+_CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_FITTED_KERNELS: set[int] = set()
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def fit_pair_table(kernel, device: torch.device) -> None:
+    """Lets a compiled Triton kernel (``JITFunction.warmup``'s result) that stages codebook_pairs' table launch
+    with more than 48 KB of shared memory in all, where the GPU allows it.
+
+    CUDA launches a kernel with over 48 KB only if it was opted in (cuFuncSetAttribute), and Triton opts in only
+    where its own, dynamic share passes 48 KB: the table's 32 KB are static (declared in PTX), so a GEMM tile that
+    needs 16-48 KB of Triton's would fail to launch. Raises OutOfResources, as Triton does, where the sum passes
+    the GPU's limit. Once per loaded kernel."""
+    kernel._init_handles()  # loads the module (Triton does so lazily, at the first launch)
+    if kernel.function in _FITTED_KERNELS:
+        return
+    static = ctypes.c_int()
+    _check_cuda(_libcuda().cuFuncGetAttribute(ctypes.byref(static), _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                              ctypes.c_void_p(kernel.function)))
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    needed = static.value + kernel.metadata.shared
+    if needed > limit:
+        raise triton.runtime.errors.OutOfResources(needed, limit, "shared memory")
+    if needed > 48 * 1024:
+        _check_cuda(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(kernel.function),
+                                                  _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                  ctypes.c_int(limit - static.value)))
+    _FITTED_KERNELS.add(kernel.function)
+
+
+def _check_cuda(result: int) -> None:
+    if result != 0:
+        raise RuntimeError(f"CUDA driver error {result} while opting a kernel into more shared memory")
 
 
 @triton.jit

@@ -49,8 +49,8 @@ from nf4compile.ops.nf4_ops import (
     ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
 )
 from nf4compile.ops.triton_dequantize import (
-    INTERPRET, codebook_pairs, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables, masked_load,
-    nf4_dequantize, pair_lookup, resolve_scales, shuffle_lookup, well_formed,
+    INTERPRET, codebook_pairs, fit_pair_table, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables,
+    masked_load, nf4_dequantize, pair_lookup, resolve_scales, shuffle_lookup, well_formed,
 )
 
 
@@ -364,6 +364,15 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1, lookup="mixed"),
     dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, num_warps=8, num_stages=1, lookup="mixed", prefetch=True),
     dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8, num_stages=1, lookup="pairs", prefetch=True),
+    # "maxnreg": 64 caps the registers (80-95 otherwise; offline, 16-32 bytes spill to local memory) so that four
+    # programs of 8 warps fit an SM, or six of 4 (the table's shared memory limits those): ncu found the pairs GEMV
+    # bound by latency at three programs of 8 warps (bench/NOTES.md).
+    *[dict(tile, num_stages=1, lookup="pairs", prefetch=True, maxnreg=64) for tile in (
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, scales="rows"),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
+    )],
     # "scales": "rows": the scale parts loaded in fewer global sectors and the dynamic map read from shared
     # memory (_load_tile_parts): ~16% fewer L1 data-pipe wavefronts at 32x512, the tile it suits (ncu).
     *[dict(tile, num_stages=1, lookup=lookup, prefetch=True, scales="rows") for lookup in ("shuffle", "pairs") for tile in (
@@ -400,7 +409,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
-        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], maxnreg=config.get("maxnreg"),
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -504,22 +513,35 @@ MM_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_OUT=256, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
-    # The same tiles decoding by warp shuffles (fewer instructions and registers; see _decode).
-    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=3, lookup="shuffle"),
-    dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2, num_warps=4, num_stages=3, lookup="shuffle"),
-    dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=4, lookup="shuffle"),
-    dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3, lookup="shuffle"),
-    dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3, lookup="shuffle"),
-    dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
-    dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3, lookup="shuffle"),
+    # The same tiles decoding by warp shuffles (fewer instructions and registers; see _decode), and by
+    # "pairs" (two codes a shared-memory read from codebook_pairs' 32 KB table, opted in beside Triton's
+    # shared memory: fit_pair_table).
+    *[dict(tile, lookup=lookup) for lookup in ("shuffle", "pairs") for tile in (
+        dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4, num_warps=4, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+    )],
+    # num_stages=1: the codes loaded into registers instead of staged through shared memory by cp.async,
+    # whose read-back competes with the lookups for the L1's data pipe (so in the gemv: bench/NOTES.md);
+    # 20-25% fewer instructions in the K loop and less shared memory (offline sm_90 compiles).
+    *[dict(tile, num_stages=1, num_warps=4, lookup=lookup) for lookup in ("shuffle", "pairs") for tile in (
+        dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2),
+        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4),
+        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=2, scale="after"),
+        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=2, scale="after"),
+    )],
     # Scale after the dot (x @ W.T; see the kernel): 16-30% fewer instructions a weight than the same
     # tile scaled before and fewer registers (offline sm_90 compiles), but on an H100 within 5% of the
     # scale-before plans: both are bound by the L1/shared-memory pipe, not by issue (ncu, bench/NOTES.md).
     # They won M = 4 and 8 on 28672x8192, 8192x28672 and 4096x14336. Only for M <= 16: where M fills
     # BLOCK_M = 64 the multiply-adds on the outputs cost what the multiplies on the weights saved.
-    *[dict(BLOCK_M=16, BLOCK_OUT=out, BLOCK_RED=red, SPLIT_K=split, num_warps=4, num_stages=3, lookup="shuffle",
+    *[dict(BLOCK_M=16, BLOCK_OUT=out, BLOCK_RED=red, SPLIT_K=split, num_warps=4, num_stages=3, lookup=lookup,
            scale="after")
-      for out, red in ((128, 128), (128, 64), (64, 256)) for split in (1, 2, 4)],
+      for lookup in ("shuffle", "pairs") for out, red in ((128, 128), (128, 64), (64, 256)) for split in (1, 2, 4)],
 ]
 
 
@@ -534,10 +556,9 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
     tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
     sub = min(tile_w, block_size)
     grid = (-(-M // config["BLOCK_M"]), -(-out_dim // config["BLOCK_OUT"]), split_k)
-    _nf4_mm_kernel[grid](
-        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
-        bias if bias is not None else out, out,
-        M, N, K, K // 8, x2.stride(0), out.stride(0),
+    args = (x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
+            bias if bias is not None else out, out, M, N, K, K // 8, x2.stride(0), out.stride(0))
+    meta = dict(
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
         X_AT_W=x_at_w, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPES[x2.dtype],
@@ -547,6 +568,15 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+    if use_pairs and not INTERPRET:
+        # The GEMM's own shared memory plus the pair table may pass 48 KB: the compiled kernel is opted in
+        # before its launch, then launched as compiled (one pass through Triton's binder, as for other plans;
+        # Triton's launcher takes every argument of the signature, the constexprs after ``args`` included).
+        kernel = _nf4_mm_kernel.warmup(*args, grid=grid, **meta)
+        fit_pair_table(kernel, x2.device)
+        kernel[grid](*args, *(meta[name] for name in _nf4_mm_kernel.arg_names[len(args):]))
+    else:
+        _nf4_mm_kernel[grid](*args, **meta)
     return out if split_k == 1 else out.to(x2.dtype)
 
 

@@ -101,7 +101,7 @@ GEMV_MIXED = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "m
 GEMV_ROW_SCALES = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "scales": "rows"}}
 GEMV_ROW_SCALES_SPLIT = {"path": "gemv", "config": {**GEMV_PREFETCH_SPLIT["config"], "lookup": "shuffle", "scales": "rows"}}
 GEMV_PAIRS = {"path": "gemv", "config": {**GEMV_PREFETCH["config"], "lookup": "pairs"}}
-GEMV_PAIRS_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "lookup": "pairs", "scales": "rows"}}
+GEMV_PAIRS_SPLIT = {"path": "gemv", "config": {**GEMV_SPLIT["config"], "lookup": "pairs", "scales": "rows", "maxnreg": 64}}
 MM = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=32, BLOCK_RED=64, SPLIT_K=1, num_warps=4, num_stages=2)}
 MM_SPLIT = {"path": "mm", "config": dict(BLOCK_M=16, BLOCK_OUT=16, BLOCK_RED=32, SPLIT_K=3, num_warps=4, num_stages=2)}
 MM_WIDE = {"path": "mm", "config": dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=2)}
@@ -353,11 +353,13 @@ def test_scale_after_plans_are_candidates_only_for_x_times_w_transposed_up_to_m_
 
 
 def test_pairs_plans_are_candidates_for_16_bit_activations_only():
-    def lookups(dtype):
-        return {p["config"].get("lookup") for p in triton_linear.candidate_plans(1, False, dtype) if p["path"] == "gemv"}
+    def lookups(M, dtype, path):
+        return {p["config"].get("lookup") for p in triton_linear.candidate_plans(M, False, dtype) if p["path"] == path}
 
-    assert "pairs" in lookups(torch.bfloat16) and "pairs" in lookups(torch.float16)
-    assert "pairs" not in lookups(torch.float32) and "shuffle" in lookups(torch.float32)
+    assert "pairs" in lookups(1, torch.bfloat16, "gemv") and "pairs" in lookups(1, torch.float16, "gemv")
+    assert "pairs" not in lookups(1, torch.float32, "gemv") and "shuffle" in lookups(1, torch.float32, "gemv")
+    for M in (4, 16, 64):
+        assert "pairs" in lookups(M, torch.bfloat16, "mm") and "shuffle" in lookups(M, torch.bfloat16, "mm")
 
 
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
@@ -403,6 +405,32 @@ def test_every_candidate_plan_cuda(M, x_at_w):
     for plan in triton_linear.candidate_plans(M, x_at_w, torch.bfloat16):
         out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, None, x_at_w, plan=plan)
         assert rel_err(out, ref) < 1e-2, plan
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_pairs_gemm_opts_into_more_than_48_kb_of_shared_memory_cuda(monkeypatch):
+    """The pair table's 32 KB of static shared memory plus Triton's own share pass 48 KB on some GEMM tiles,
+    which CUDA launches only after fit_pair_table opts them in: without it some candidate fails to launch."""
+    N, K = 512, 2048
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    pairs = [p for p in triton_linear.candidate_plans(4, False, torch.bfloat16)
+             if p["path"] == "mm" and p["config"].get("lookup") == "pairs"]
+    assert pairs
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_linear, "fit_pair_table", lambda kernel, device: None)
+        failures = 0
+        for plan in pairs:
+            try:
+                triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan)
+                torch.cuda.synchronize()
+            except RuntimeError:
+                failures += 1
+    assert failures > 0
+    for plan in pairs:
+        out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan)
+        assert rel_err(out, x.double() @ w64.T) < 1e-2, plan
 
 
 @pytest.mark.cuda
