@@ -525,19 +525,10 @@ MM_CONFIGS = [
         dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
         dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
     )],
-    # num_stages=1: the codes loaded into registers instead of staged through shared memory by cp.async,
-    # whose read-back competes with the lookups for the L1's data pipe (so in the gemv: bench/NOTES.md);
-    # 20-25% fewer instructions in the K loop and less shared memory (offline sm_90 compiles).
-    *[dict(tile, num_stages=1, num_warps=4, lookup=lookup) for lookup in ("shuffle", "pairs") for tile in (
-        dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=256, SPLIT_K=2),
-        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=4),
-        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=2, scale="after"),
-        dict(BLOCK_M=16, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=2, scale="after"),
-    )],
     # Scale after the dot (x @ W.T; see the kernel): 16-30% fewer instructions a weight than the same
     # tile scaled before and fewer registers (offline sm_90 compiles), but on an H100 within 5% of the
     # scale-before plans: both are bound by the L1/shared-memory pipe, not by issue (ncu, bench/NOTES.md).
-    # They won M = 4 and 8 on 28672x8192, 8192x28672 and 4096x14336. Only for M <= 16: where M fills
+    # By pairs they won M = 4-16 on four of the seven shapes (twelfth session). Only for M <= 16: where M fills
     # BLOCK_M = 64 the multiply-adds on the outputs cost what the multiplies on the weights saved.
     *[dict(BLOCK_M=16, BLOCK_OUT=out, BLOCK_RED=red, SPLIT_K=split, num_warps=4, num_stages=3, lookup=lookup,
            scale="after")
