@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -360,6 +361,41 @@ def test_pairs_plans_are_candidates_for_16_bit_activations_only():
     assert "pairs" not in lookups(1, torch.float32, "gemv") and "shuffle" in lookups(1, torch.float32, "gemv")
     for M in (4, 16, 64):
         assert "pairs" in lookups(M, torch.bfloat16, "mm") and "shuffle" in lookups(M, torch.bfloat16, "mm")
+
+
+def test_fit_pair_table_opts_in_what_passes_48_kb_and_refuses_what_passes_the_gpu(monkeypatch):
+    """fit_pair_table's decisions, against a stand-in for the driver (the GPU test above runs the real one): static
+    32 KB + Triton's share above 48 KB is opted in to the GPU's limit less the static part, once per kernel; at or
+    below 48 KB nothing is set; past the limit, OutOfResources (which the tuner skips)."""
+    static_bytes, limit = 32 * 1024, 227 * 1024
+    set_calls = []
+
+    class Driver:
+        def cuFuncGetAttribute(self, value, attribute, function):
+            value._obj.value = static_bytes
+            return 0
+
+        def cuFuncSetAttribute(self, function, attribute, value):
+            set_calls.append((function.value, attribute, value.value))
+            return 0
+
+    class Kernel:
+        def __init__(self, function, shared):
+            self.function, self.metadata = function, SimpleNamespace(shared=shared)
+
+        def _init_handles(self):
+            pass
+
+    monkeypatch.setattr(triton_dequantize, "_libcuda", lambda: Driver())
+    monkeypatch.setattr(triton_dequantize, "_FITTED_KERNELS", set())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(shared_memory_per_block_optin=limit))
+    triton_dequantize.fit_pair_table(Kernel(1, 16 * 1024), "cuda")  # 48 KB in all: CUDA's default suffices
+    assert set_calls == []
+    triton_dequantize.fit_pair_table(Kernel(2, 20 * 1024), "cuda")
+    triton_dequantize.fit_pair_table(Kernel(2, 20 * 1024), "cuda")  # the same loaded kernel: once
+    assert set_calls == [(2, 8, limit - static_bytes)]
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        triton_dequantize.fit_pair_table(Kernel(3, limit - static_bytes + 1), "cuda")
 
 
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
