@@ -14,9 +14,10 @@ Per configuration: prefill ms (the prompt through the model, eagerly: like trans
 compile_config, only the one-token decode step is compiled), decode tokens/s per sequence (N-1 decode
 steps after a warm-up run; x batch for the total), peak GPU memory (this model's weights + KV cache +
 activations + CUDA-graph pools), weight memory (what building the model left allocated; GB = 1e9 bytes)
-and compile time (the warm-up generate: decode-step compile, CUDA-graph recording, one prefill), with the
-compile-cache hits it had (``compile_cache_hits``: graphs an earlier run on the machine compiled; the compile-time
-target compares only cold compiles).
+and compile time (the warm-up generate: decode-step compile, CUDA-graph recording, one prefill). Compiles are cold:
+the run caches into a fresh temporary directory (Inductor, AOTAutograd, Triton) unless --warm-caches; each compiled
+configuration records the cache hits it had (``compile_cache_hits``), and the compile-time target compares only
+configurations that had none.
 
 The compiled-generation recipe (README "Compiled generation"): eager prefill allocates the static KV
 cache outside any CUDA graph; only ``decode_step`` is compiled; the returned token is cloned before the
@@ -33,12 +34,14 @@ model, more than its kernels) under ``mode="reduce-overhead"``. ``--decode-graph
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.util
 import json
 import os
 import platform
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -330,6 +333,19 @@ def compile_cache_hits() -> int:
     return counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
 
 
+@contextlib.contextmanager
+def compile_caches(warm: bool):
+    """Where this run's compiles cache their work: the machine's usual directories (``warm``), or a fresh temporary
+    one for Inductor, AOTAutograd and Triton alike, so that no configuration finds another run's graphs or kernels."""
+    if warm:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="nf4compile-e2e-caches-") as fresh, mock.patch.dict(
+        os.environ, {"TORCHINDUCTOR_CACHE_DIR": fresh, "TRITON_CACHE_DIR": os.path.join(fresh, "triton")}
+    ):
+        yield
+
+
 def cleanup(device) -> None:
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -473,45 +489,9 @@ def plot(json_path: Path) -> Path | None:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--gpu-budget-s", type=float, default=420.0,
-                        help="stop starting configurations whose estimated time exceeds what is left (from process start)")
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128, help="decode tokens for compiled methods")
-    parser.add_argument("--eager-new-tokens", type=int, default=32,
-                        help="decode tokens for eager methods (slow per token; tokens/s is a per-step average)")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods in PLAN")
-    parser.add_argument("--small", action="store_true", help="tiny shapes, on the CPU unless --device says otherwise (CI)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, cpu with --small")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend; CI's --small run uses 'eager' (tracing only: fullgraph checked, seconds not minutes)")
-    parser.add_argument("--decode-graph", choices=("step", "trees"), default="step",
-                        help="GPU: the compiled step captured whole in one CUDA graph (step), or mode='reduce-overhead' (trees)")
-    parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
-    args = parser.parse_args(argv)
-    if args.plot:
-        print(plot(args.plot))
-        return {}
-    if args.small:
-        args.prompt, args.new_tokens, args.eager_new_tokens = min(args.prompt, 16), min(args.new_tokens, 8), min(args.eager_new_tokens, 8)
-    device = torch.device(args.device or ("cpu" if args.small or not torch.cuda.is_available() else "cuda"))
-    shapes = SMALL_MODELS if args.small else MODELS
-    models, batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
-    methods = args.methods.split(",") if args.methods else None
-    plan = [c for c in PLAN if c[0] in models and c[1] in batches and (methods is None or c[2] in methods)]
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"e2e-{'small' if args.small else device.type}-{stamp}.json"
-    report = dict(environment=environment(device), args={k: str(v) for k, v in vars(args).items()}, results=[])
-    report["args"]["prompt"] = args.prompt
-    print(f"e2e: {len(plan)} configurations on {report['environment']['device']}; writing {path}", flush=True)
-    write_json(path, report)  # the environment, even if the first compile is cut short
-
+def run_configurations(plan: list, args, shapes: dict, device, report: dict, path: Path) -> Optional[Path]:
+    """Every (model, batch, method) of ``plan`` that the budget allows, each result appended to ``report`` and written
+    to ``path`` as it finishes; returns the PNG drawn last."""
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: JSON only (pip install 'nf4compile[plot]', then --plot the JSON)")
     if plan and device.type == "cuda" and args.compile_backend == "inductor":
@@ -547,6 +527,53 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(path, report)
         png = plot(path)  # after every configuration too: a run cut short keeps its picture
         print(json.dumps({k: v for k, v in entry.items() if k != "trace"}), flush=True)
+    return png
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--gpu-budget-s", type=float, default=420.0,
+                        help="stop starting configurations whose estimated time exceeds what is left (from process start)")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode tokens for compiled methods")
+    parser.add_argument("--eager-new-tokens", type=int, default=32,
+                        help="decode tokens for eager methods (slow per token; tokens/s is a per-step average)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods in PLAN")
+    parser.add_argument("--small", action="store_true", help="tiny shapes, on the CPU unless --device says otherwise (CI)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, cpu with --small")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend; CI's --small run uses 'eager' (tracing only: fullgraph checked, seconds not minutes)")
+    parser.add_argument("--decode-graph", choices=("step", "trees"), default="step",
+                        help="GPU: the compiled step captured whole in one CUDA graph (step), or mode='reduce-overhead' (trees)")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="reuse this machine's compile caches (Inductor, AOTAutograd, Triton); by default the run compiles "
+                             "into a fresh temporary directory, so that every compile time is a cold one")
+    parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
+    args = parser.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return {}
+    if args.small:
+        args.prompt, args.new_tokens, args.eager_new_tokens = min(args.prompt, 16), min(args.new_tokens, 8), min(args.eager_new_tokens, 8)
+    device = torch.device(args.device or ("cpu" if args.small or not torch.cuda.is_available() else "cuda"))
+    shapes = SMALL_MODELS if args.small else MODELS
+    models, batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",") if args.methods else None
+    plan = [c for c in PLAN if c[0] in models and c[1] in batches and (methods is None or c[2] in methods)]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"e2e-{'small' if args.small else device.type}-{stamp}.json"
+    report = dict(environment=environment(device), args={k: str(v) for k, v in vars(args).items()}, results=[])
+    report["args"]["prompt"] = args.prompt
+    print(f"e2e: {len(plan)} configurations on {report['environment']['device']}; writing {path}", flush=True)
+    write_json(path, report)  # the environment, even if the first compile is cut short
+
+    with compile_caches(args.warm_caches):
+        png = run_configurations(plan, args, shapes, device, report, path)
     for row in targets(report["results"]):
         print(f"target: {row['target']}: {row['value']} (threshold {row['threshold']}) met={row['met']}")
     print(f"wrote {path}" + (f" and {png}" if png else ""), flush=True)

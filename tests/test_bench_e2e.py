@@ -49,6 +49,20 @@ def test_compile_time_target_compares_cold_compiles_only():
     assert e2e.cold_compile_ratio(nf4, dict(bf16, compile_cache_hits=1)) is None
 
 
+def test_compiles_cache_into_a_fresh_directory_unless_warm_caches_are_asked_for(monkeypatch):
+    e2e = _e2e()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/machine/cache")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    with e2e.compile_caches(warm=False):
+        fresh = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert fresh != "/machine/cache" and Path(fresh).is_dir() and not any(Path(fresh).iterdir())
+        assert os.environ["TRITON_CACHE_DIR"].startswith(fresh)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/machine/cache" and "TRITON_CACHE_DIR" not in os.environ
+    assert not Path(fresh).exists()
+    with e2e.compile_caches(warm=True):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/machine/cache"
+
+
 def test_budget_skips_what_does_not_fit(tmp_path):
     e2e = _e2e()
     report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--methods", "bf16-eager",
