@@ -217,6 +217,26 @@ def _pair_values(pair):
     return low, high
 
 
+# pair_lookup's PTX: byte j of the word ($8) moved to bits 7-14 (its entry lies at 128 * byte + 4 * lane past the
+# table, the lane's offset $9 in bits 2-6; the table's address is a constant that ptxas folds into the load), one
+# shared-memory read, the pair's halves widened into outputs 2j and 2j + 1.
+_PAIR_BYTE_PTX = """
+        {shift} a, $8, {bits};
+        and.b32 a, a, 32640;
+        or.b32 a, a, $9;
+        add.u32 a, a, t;
+        ld.shared.b32 p, [a];
+        mov.b32 {{lo, hi}}, p;
+        cvt.f32.f16 ${low}, lo;
+        cvt.f32.f16 ${high}, hi;"""
+_PAIR_LOOKUP_PTX = tl.constexpr(
+    "{\n        .reg .b32 a, p, t;\n        .reg .b16 lo, hi;\n        mov.u32 t, nf4_pairs;"
+    + "".join(_PAIR_BYTE_PTX.format(shift=shift, bits=bits, low=2 * j, high=2 * j + 1)
+              for j, (shift, bits) in enumerate([("shl.b32", 7), ("shr.b32", 1), ("shr.b32", 9), ("shr.b32", 17)]))
+    + "\n        }"
+)
+
+
 @triton.jit
 def pair_lookup(pairs, words):
     """The codebook values (fp32) of each 32-bit word's 8 codes, in element order (8 tensors): one
@@ -228,46 +248,8 @@ def pair_lookup(pairs, words):
         d6, d7 = _pair_values(gather_table(pairs, (words >> 24) & 0xFF))
         return d0, d1, d2, d3, d4, d5, d6, d7
     else:
-        # Byte j's entry lies at 128 * byte + 4 * lane (bits 7-14 and 2-6) past the table, whose address
-        # is a constant that ptxas folds into the load.
-        return tl.inline_asm_elementwise(
-            """{
-        .reg .b32 a, p, t;
-        .reg .b16 lo, hi;
-        mov.u32 t, nf4_pairs;
-        shl.b32 a, $8, 7;
-        and.b32 a, a, 32640;
-        or.b32 a, a, $9;
-        add.u32 a, a, t;
-        ld.shared.b32 p, [a];
-        mov.b32 {lo, hi}, p;
-        cvt.f32.f16 $0, lo;
-        cvt.f32.f16 $1, hi;
-        shr.b32 a, $8, 1;
-        and.b32 a, a, 32640;
-        or.b32 a, a, $9;
-        add.u32 a, a, t;
-        ld.shared.b32 p, [a];
-        mov.b32 {lo, hi}, p;
-        cvt.f32.f16 $2, lo;
-        cvt.f32.f16 $3, hi;
-        shr.b32 a, $8, 9;
-        and.b32 a, a, 32640;
-        or.b32 a, a, $9;
-        add.u32 a, a, t;
-        ld.shared.b32 p, [a];
-        mov.b32 {lo, hi}, p;
-        cvt.f32.f16 $4, lo;
-        cvt.f32.f16 $5, hi;
-        shr.b32 a, $8, 17;
-        and.b32 a, a, 32640;
-        or.b32 a, a, $9;
-        add.u32 a, a, t;
-        ld.shared.b32 p, [a];
-        mov.b32 {lo, hi}, p;
-        cvt.f32.f16 $6, lo;
-        cvt.f32.f16 $7, hi;
-        }""", "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [words, pairs], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PAIR_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [words, pairs],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
