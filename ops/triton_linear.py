@@ -226,6 +226,33 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
 
 
 @triton.jit
+def _sibling_weight(
+    tile, BLOCK: tl.constexpr, N, N1, N2, WEIGHTS: tl.constexpr,
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+    packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+    packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
+):
+    """Where W is the row-concatenation of WEIGHTS (2 or 3) NF4 weights of K columns (sibling linears of one input,
+    e.g. q, k and v): the first cdiv(N, BLOCK) tiles of BLOCK output rows are the first weight's, the next ones
+    the second's. Returns the tile's index within its weight, the weight's first output row, its row count
+    (a tensor even where Triton made N a constant) and its pointers."""
+    out_row0 = tile * 0
+    n_rows = N + out_row0
+    if tile >= tl.cdiv(N, BLOCK):
+        tile -= tl.cdiv(N, BLOCK)
+        out_row0 += N
+        n_rows = N1 + tile * 0
+        packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr
+        if WEIGHTS > 2:
+            if tile >= tl.cdiv(N1, BLOCK):
+                tile -= tl.cdiv(N1, BLOCK)
+                out_row0 += N1
+                n_rows = N2 + tile * 0
+                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr
+    return tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr
+
+
+@triton.jit
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
     N, K, stride_w,
@@ -235,12 +262,11 @@ def _nf4_gemv_kernel(
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
     MIXED: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
-    # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is the row-concatenation of
-    # that many NF4 weights of K columns (sibling linears of one input, e.g. q, k and v): the first
-    # cdiv(N, BLOCK_N) programs take the first weight's rows, the next ones the second's, and all
-    # write into one output row [N + N1 + N2].
+    # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is that many weights (_sibling_weight),
+    # all written into one output row [N + N1 + N2].
     BLOCK_K: tl.constexpr = GROUPS * SUB
     WORDS: tl.constexpr = SUB // 8
     pid_k = tl.program_id(1)
@@ -248,19 +274,11 @@ def _nf4_gemv_kernel(
     out_row0 = 0
     n_rows = N
     if WEIGHTS > 1:
-        out_row0 = tile * 0
-        n_rows = N + out_row0  # a tensor even where Triton made N a constant (N == 1): branches reassign it
-        if tile >= tl.cdiv(N, BLOCK_N):
-            tile -= tl.cdiv(N, BLOCK_N)
-            out_row0 += N
-            n_rows = N1 + tile * 0
-            packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr
-            if WEIGHTS > 2:
-                if tile >= tl.cdiv(N1, BLOCK_N):
-                    tile -= tl.cdiv(N1, BLOCK_N)
-                    out_row0 += N1
-                    n_rows = N2 + tile * 0
-                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr
+        tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
+            tile, BLOCK_N, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+            packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+            packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
+        )
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     g_col = tl.arange(0, GROUPS) * SUB
@@ -273,6 +291,10 @@ def _nf4_gemv_kernel(
     else:
         table = _codebook(code_ptr, SHUFFLE)
     smem_table = _codebook(code_ptr, False)  # read by MIXED lookups only
+    if PDL:
+        # Launched early (programmatic dependent launch): the code above reads constant tables only and
+        # overlaps the previous kernel's end; x, the weight and the output wait for it.
+        tl.extra.cuda.gdc_wait()
     # Partial sums per word, reduced across threads once after the loop, not every step. Scales
     # multiply each word's dot product, not each weight.
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
@@ -396,20 +418,15 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     shuffle, mixed, use_pairs = _lookups(config, x2.dtype)
     sub = min(config["BLOCK_K"], block_size)
     grid = (sum(-(-n // block_n) for n in row_counts), split_k)
-    sibling_args = []
-    for sibling_packed, sibling_absmax, sibling_nested, sibling_offset, rows, sibling_bias in siblings:
-        sibling_args += [sibling_packed, sibling_absmax, *_nested_args(sibling_absmax, sibling_nested, sibling_offset),
-                         sibling_bias if sibling_bias is not None else out, rows]
-    sibling_args += [packed, absmax, absmax, absmax, out, 0] * (2 - len(siblings))  # slots the kernel never reads
     _nf4_gemv_kernel[grid](
         x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
-        bias if bias is not None else out, out, N, K, K // 8, *sibling_args,
+        bias if bias is not None else out, out, N, K, K // 8, *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
-        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], **_pdl_meta(x2.device),
         **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}),  # other plans launch as measured
     )
     return out if split_k == 1 else out.to(x2.dtype)
@@ -432,11 +449,13 @@ def _load_x_t(x_ptr, m, M, r, RED, stride_xm, EVEN: tl.constexpr):
 def _nf4_mm_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
     M, N, K, stride_w, stride_xm, stride_om,
+    packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
+    packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
     GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
-    PAIRS: tl.constexpr, SCALE_AFTER: tl.constexpr,
+    PAIRS: tl.constexpr, SCALE_AFTER: tl.constexpr, PDL: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
     # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
     # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
@@ -444,6 +463,14 @@ def _nf4_mm_kernel(
     # SCALE_AFTER (x @ W.T only): one dot per group of SUB columns (one scale per row of A), of the
     # bare codebook values, its result scaled: a multiply-add per output element instead of a
     # multiply per weight (BLOCK_M outputs against SUB weights a row).
+    tile = tl.program_id(1)
+    out_col0 = 0
+    if WEIGHTS > 1:  # x @ W.T only: W is that many weights (_sibling_weight), side by side in each output row
+        tile, out_col0, N, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
+            tile, BLOCK_OUT, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+            packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+            packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
+        )
     if X_AT_W:
         OUT = K
         RED = N
@@ -452,13 +479,15 @@ def _nf4_mm_kernel(
         RED = K
     pid_k = tl.program_id(2)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    o = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     red_per_split = tl.cdiv(tl.cdiv(RED, BLOCK_RED), SPLIT_K) * BLOCK_RED
     r_start = pid_k * red_per_split
     if PAIRS:
         table = codebook_pairs(pair_ptr)
     else:
         table = _codebook(code_ptr, SHUFFLE)
+    if PDL:  # as in the gemv
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
         if SCALE_AFTER:
@@ -475,7 +504,7 @@ def _nf4_mm_kernel(
             if X_AT_W:
                 words, scale = _load_tile(
                     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-                    r, r < N, tl.program_id(1) * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
+                    r, r < N, tile * BLOCK_OUT, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
                 )
                 a = tl.trans(tl.reshape(_decode_words(table, words, SHUFFLE, PAIRS) * scale[:, :, None, None], [BLOCK_RED, BLOCK_OUT]))
             else:
@@ -488,7 +517,7 @@ def _nf4_mm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
-    offs = m[None, :] * stride_om + o[:, None]
+    offs = m[None, :] * stride_om + out_col0 + o[:, None]
     mask = (m < M)[None, :] & (o < OUT)[:, None]
     if SPLIT_K == 1:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -537,19 +566,22 @@ MM_CONFIGS = [
 ]
 
 
-def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, config):
-    """Launch wrapper: x2 [M, K] @ W.T, or x2 [M, N] @ W with ``x_at_w`` (+ bias), in x2.dtype."""
+def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, config, siblings=()):
+    """Launch wrapper: x2 [M, K] @ W.T, or x2 [M, N] @ W with ``x_at_w`` (+ bias), in x2.dtype. ``siblings``
+    (x @ W.T only): as nf4_gemv's, their outputs after W's in each row [M, N + rows1 + rows2]."""
+    assert len(siblings) <= 2 and not (siblings and x_at_w), "the mm kernel reads at most three weights, x @ W.T"
     M = x2.shape[0]
-    out_dim = K if x_at_w else N
+    col_counts = (K,) if x_at_w else (N, *(w[4] for w in siblings))
     split_k = config["SPLIT_K"]
-    out = _output(M, out_dim, x2, split_k)
+    out = _output(M, sum(col_counts), x2, split_k)
     code, dyn, pairs = lookup_tables(x2.device)
     shuffle, _, use_pairs = _lookups(config, x2.dtype)
     tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
     sub = min(tile_w, block_size)
-    grid = (-(-M // config["BLOCK_M"]), -(-out_dim // config["BLOCK_OUT"]), split_k)
+    grid = (-(-M // config["BLOCK_M"]), sum(-(-n // config["BLOCK_OUT"]) for n in col_counts), split_k)
     args = (x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
-            bias if bias is not None else out, out, M, N, K, K // 8, x2.stride(0), out.stride(0))
+            bias if bias is not None else out, out, M, N, K, K // 8, x2.stride(0), out.stride(0),
+            *_sibling_args(siblings, packed, absmax, out))
     meta = dict(
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
         # The interpreter computes bf16 dots wrongly: there the dot runs in fp32.
@@ -557,8 +589,8 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         BLOCK_M=config["BLOCK_M"], BLOCK_OUT=config["BLOCK_OUT"], BLOCK_RED=config["BLOCK_RED"],
         GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=shuffle, PAIRS=use_pairs,
         SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
-        EVEN=out_dim % config["BLOCK_OUT"] == 0 and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        EVEN=all(n % config["BLOCK_OUT"] == 0 for n in col_counts) and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], num_stages=config["num_stages"], **_pdl_meta(x2.device),
     )
     if use_pairs and not INTERPRET:
         # The GEMM's own shared memory plus the pair table may pass 48 KB: the compiled kernel is opted in
@@ -573,6 +605,20 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_PDL_CAPABLE: dict[torch.device, bool] = {}
+_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False, "launch_pdl": False}
+
+
+def _pdl_meta(device: torch.device) -> dict:
+    """The fused kernels' PDL flag and Triton's launch_pdl: programmatic dependent launch (sm_90+), with
+    NF4COMPILE_PDL=1 (read per call, so a benchmark can switch it). A kernel so launched may start while the
+    previous kernel in the stream finishes: its programs stage the codebook tables, then wait (gdc_wait)
+    before they read x, the weight or the output."""
+    if os.environ.get("NF4COMPILE_PDL") != "1" or INTERPRET or device.type != "cuda":
+        return _PDL_OFF
+    if device not in _PDL_CAPABLE:
+        _PDL_CAPABLE[device] = torch.cuda.get_device_capability(device) >= (9, 0)
+    return _PDL_ON if _PDL_CAPABLE[device] else _PDL_OFF
 
 
 def _lookups(config, dtype) -> tuple[bool, bool, bool]:
@@ -587,6 +633,16 @@ def _lookups(config, dtype) -> tuple[bool, bool, bool]:
         lookup = "shuffle"
     shuffle = lookup in ("shuffle", "mixed") and not INTERPRET
     return shuffle, shuffle and lookup == "mixed", lookup == "pairs"
+
+
+def _sibling_args(siblings, packed, absmax, out) -> list:
+    """The kernels' slots for two sibling weights: each (packed, absmax, nested_absmax, offset, rows, bias) as
+    the kernel reads it; slots past ``siblings`` take any pointer (never read)."""
+    args = []
+    for sibling_packed, sibling_absmax, sibling_nested, sibling_offset, rows, sibling_bias in siblings:
+        args += [sibling_packed, sibling_absmax, *_nested_args(sibling_absmax, sibling_nested, sibling_offset),
+                 sibling_bias if sibling_bias is not None else out, rows]
+    return args + [packed, absmax, absmax, absmax, out, 0] * (2 - len(siblings))
 
 
 def _nested_args(absmax, nested_absmax, offset):
@@ -697,22 +753,22 @@ def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
 
 def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # A bucket that was not tuned borrows the plan of the nearest tuned bucket of the same shape,
-    # if that plan can serve this M and dtype. An untuned shape at M = 1 (a sibling group's rows
-    # together, another model's widths) borrows the gemv plan of the tuned shape with its K and the
-    # nearest N: any gemv config serves any shape, and a tuned one beat the defaults on every shape.
+    # if that plan can serve this M and dtype. An untuned shape (a sibling group's rows together,
+    # another model's widths) borrows the plan of the tuned shape with its K, its M bucket and the
+    # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
     x_at_w, N, K, bucket = key
-    usable, gemv_of_width = [], []
+    usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
         if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and M > GEMV_MAX_M):
             continue
         if n != N:
-            if plan["path"] == "gemv":
-                gemv_of_width.append((abs(math.log(n / N)), n, plan))
+            if plan["path"] == "gemv" or (plan["path"] == "mm" and b == bucket and dtype in _TL_DTYPES):
+                of_width.append((abs(math.log(n / N)), n, plan))
         elif plan["path"] != "mm" or dtype in _TL_DTYPES:
             usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
     if usable:
         return min(usable, key=lambda t: t[:2])[2]
-    return min(gemv_of_width, key=lambda t: t[:2])[2] if gemv_of_width else None
+    return min(of_width, key=lambda t: t[:2])[2] if of_width else None
 
 
 def cuda_graph_us(calls: list) -> float:
@@ -874,27 +930,32 @@ register_kernel("linear", "CUDA", _linear_cuda)
 
 
 def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
-    """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): for one row of
-    activations and two or three weights of one scale format, one gemv launch over all of them; else
-    each linear on its own path, outputs concatenated. ``plan`` forces the gemv's config."""
+    """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): two or three weights of one
+    scale format in one launch (the gemv for one row of activations, the mm for a few) where the plan of one
+    weight of all the group's rows takes a fused kernel; else each linear on its own path, outputs
+    concatenated. ``plan`` forces the plan."""
     check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
-    K = in_features
+    K, N = in_features, sum(out_features)
     weights = list(zip(packed, absmax, nested_absmax, offset, out_features, bias))
-    if x.dim() and x.shape[-1] == K and x.numel() == K and 2 <= len(weights) <= 3:
-        x2 = x.reshape(1, K)
-        # The plan of one weight of all the group's rows (shipped or default: never tuned from here).
-        plan = plan or cached_plan(x2, sum(out_features), K, block_size, False)
+    if x.dim() and x.shape[-1] == K and x.numel() and x.dtype in ACTIVATION_DTYPES and 2 <= len(weights) <= 3:
+        x2 = x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        # Shipped or borrowed from the nearest tuned width, or the defaults: never tuned from here.
+        plan = plan or cached_plan(x2, N, K, block_size, False)
         first = weights[0]
-        if plan["path"] == "gemv" and all(
+        if plan["path"] != "dequant" and kernel_can_serve(plan, x2, N, K, block_size, False) and all(
             (n is None) == (first[2] is None) and (b is None) == (first[5] is None)  # one scale format and bias use
             and p.device == x.device and p.data_ptr() % 4 == 0 and well_formed(p, a, n, o, block_size, rows * K)
-            and _bias_fits(b, rows, x) and kernel_can_serve(plan, x2, rows, K, block_size, False)
+            and _bias_fits(b, rows, x)
             for p, a, n, o, rows, b in weights
         ):
-            flat = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
-            out = nf4_gemv(x2.contiguous(), *flat[0][:4], block_size, flat[0][4], K, flat[0][5], plan["config"],
-                           siblings=flat[1:])
-            return out.view(*x.shape[:-1], out.shape[-1])
+            (p0, a0, n0, o0, rows0, b0), *siblings = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
+            if plan["path"] == "gemv":
+                out = nf4_gemv(x2, p0, a0, n0, o0, block_size, rows0, K, b0, plan["config"], siblings=siblings)
+            else:
+                out = nf4_mm(x2, p0, a0, n0, o0, block_size, rows0, K, b0, False, plan["config"], siblings=siblings)
+            return out.view(*x.shape[:-1], N)
     return torch.cat([nf4_linear(x, p, a, n, o, block_size, rows, K, b) for p, a, n, o, rows, b in weights], dim=-1)
 
 

@@ -2,8 +2,8 @@
 
 - ``FuseDequantMatmul``: ``nf4compile.dequantize -> views -> mm/addmm/bmm/linear/matmul`` becomes one
   ``nf4compile.linear``.
-- ``GroupSiblingLinears``: ``nf4compile.linear`` calls on one single-row input (q, k, v; gate, up) become
-  one ``nf4compile.linear_group`` (one GEMV launch at decode), inside Inductor.
+- ``GroupSiblingLinears``: ``nf4compile.linear`` calls on one decode input of at most 16 rows (q, k, v;
+  gate, up) become one ``nf4compile.linear_group`` (one kernel launch), inside Inductor.
 - ``KeepSensitiveBF16``: sensitive layers never compute from NF4 (dense constants in exported programs,
   left unfused with a warning inside torch.compile).
 - ``RecomputeDequantize``: training graphs recompute ``dequantize`` in the backward instead of saving the

@@ -1,15 +1,15 @@
 """GroupSiblingLinears: ``nf4compile.linear`` calls on one input become one ``nf4compile.linear_group``.
 
 A decoder layer reads its normalized hidden state three times (the q, k and v projections) and its MLP
-input twice (gate and up). At decode, with one row of activations, each of those is a short,
-memory-bound GEMV; one launch over all the sibling weights keeps the GPU busier and saves launches
-(bench/NOTES.md). Each linear's output is then a slice of the group's (a view: no copy).
+input twice (gate and up). At decode each of those is a short, memory-bound GEMV (one row of activations)
+or small GEMM (a batch of rows); one launch over all the sibling weights keeps the GPU busier and saves
+launches (bench/NOTES.md). Each linear's output is then a slice of the group's (a view: no copy).
 
-Only where it pays and changes nothing but the order of fp32 sums: the input has one row for every value
-of its symbolic sizes (decode graphs; prefill keeps one GEMM per weight), the linears compute x @ W.T
-with the same block size, K, scale format and bias presence, and a group holds at most three (the
-kernel's limit; more siblings make several groups). Runs after FuseDequantMatmul, inside Inductor only:
-an exported program serves any batch.
+Only where it pays and changes nothing but the order of fp32 sums: the input has at most MAX_GROUP_ROWS
+rows for every value of its symbolic sizes (decode graphs; prefill keeps one GEMM per weight), the linears
+compute x @ W.T with the same block size, K, scale format and bias presence, and a group holds at most
+three (the kernels' limit; more siblings make several groups). Runs after FuseDequantMatmul, inside
+Inductor only: an exported program serves any batch.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from nf4compile.passes.fuse_dequant_matmul import bound_args
 aten = torch.ops.aten
 
 MAX_GROUP = 3
+MAX_GROUP_ROWS = 16  # a decode batch: where the fused kernels read each weight once for all the rows
 _NF4_ARGS = ("packed", "absmax", "nested_absmax", "offset")
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
@@ -59,7 +60,7 @@ def _sibling_key(node: Node, args: dict):
     x, out = args["x"].meta.get("val"), node.meta.get("val")
     if args["x_at_w"] or x is None or out is None:
         return None
-    if not statically_known_true(math.prod(x.shape[:-1]) == 1):
+    if not statically_known_true(math.prod(x.shape[:-1]) <= MAX_GROUP_ROWS):
         return None
     if not all(isinstance(args[name], int) for name in ("block_size", "out_features", "in_features")):
         return None

@@ -224,10 +224,10 @@ def test_freezing_does_not_fold_the_weights_back_to_dense():
     assert code.count(LINEAR + "(") == 2 and DEQUANTIZE not in code
 
 
-@pytest.mark.parametrize("shape,linears,groups", [((2, 7), 7, 0), ((1, 1), 2, 2)], ids=["prefill", "decode"])
+@pytest.mark.parametrize("shape,linears,groups", [((2, 9), 7, 0), ((1, 1), 2, 2)], ids=["prefill", "decode"])
 def test_llama_compiles_to_fused_ops_only(shape, linears, groups):
-    # Prefill: q, k, v, o, gate, up and down fused one by one; lm_head stays bf16. Decode (one row):
-    # q, k, v in one nf4compile.linear_group, gate and up in another, o and down alone.
+    # Prefill (18 rows, more than GroupSiblingLinears groups): q, k, v, o, gate, up and down fused one by one;
+    # lm_head stays bf16. Decode: q, k, v in one nf4compile.linear_group, gate and up in another, o and down alone.
     model = tiny_llama()
     ids = torch.randint(0, 128, shape)
     with torch.no_grad():

@@ -41,6 +41,7 @@ LOGIT_BOUND = 0.03  # measured on the CPU (logits ~N(0, 0.25)): 0.004-0.008 eage
 LOGIT_BOUND_CUDA = 0.05
 VOCAB, PROMPT, NEW_TOKENS = 512, 8, 8
 LINEAR = "torch.ops.nf4compile.linear.default"
+LINEAR_GROUP = "torch.ops.nf4compile.linear_group.default"
 DEQUANTIZE = "torch.ops.nf4compile.dequantize.default"
 
 _common = dict(
@@ -127,7 +128,10 @@ def test_compiled_generate_by_transformers_llama():
         (sequences, logits), codes = run_and_get_code(hf_generate, model, ids, _cpu_compile_config())
         again, _ = hf_generate(model, ids, _cpu_compile_config())
     code = "\n".join(codes)
-    assert code.count(LINEAR + "(") == NF4_LAYERS["llama"] and DEQUANTIZE not in code
+    # Per layer of the batch-2 decode step: q, k and v in one linear_group, gate and up in another, o and down alone.
+    layers = NF4_LAYERS["llama"] // 7
+    assert code.count(LINEAR + "(") == 2 * layers and code.count(LINEAR_GROUP + "(") == 2 * layers
+    assert DEQUANTIZE not in code
     assert counters["stats"]["unique_graphs"] == 1, "one decode graph, no recompiles"
     assert torch.equal(again, sequences)
     check_against_reference(reference, sequences, logits)

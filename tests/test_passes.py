@@ -316,9 +316,16 @@ return [view_1, view_2, view_3, view_5, view_7]""")
         for got, want in zip(ep.module()(x), model(x)):  # the CPU op is each linear's, concatenated
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+    def test_a_decode_batch_groups_too(self):
+        x = torch.randn(8, 1, 64, dtype=bf16)
+        model, ep, grouped = grouped_program(x)
+        assert grouped == 3
+        for got, want in zip(ep.module()(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
     def test_siblings_differing_in_bias_or_with_more_rows_stay_apart(self):
         assert grouped_program(torch.randn(1, 1, 64, dtype=bf16), bias_on_k=True)[2] == 3  # q, v and g
-        assert grouped_program(torch.randn(1, 2, 64, dtype=bf16))[2] == 0  # two rows: prefill keeps one GEMM each
+        assert grouped_program(torch.randn(1, 17, 64, dtype=bf16))[2] == 0  # 17 rows: prefill keeps one GEMM each
 
 
 class TestKeepSensitiveBF16(expecttest.TestCase):

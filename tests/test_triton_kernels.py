@@ -208,6 +208,31 @@ def test_gemv_group_is_one_launch_over_the_weights(plan, rows, K, block_size, do
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "plan", [MM, MM_SPLIT, MM_SHUFFLE, MM_AFTER, MM_PAIRS, MM_AFTER_PAIRS],
+    ids=["mm", "mm-splitk", "mm-shuffle", "mm-after", "mm-pairs", "mm-after-pairs"],
+)
+@pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_mm_group_is_one_launch_over_the_weights(plan, rows, K, block_size, double_quant, bias, monkeypatch):
+    # A few rows of activations (a decode batch): one mm launch whose output tiles run over the weights in turn.
+    nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, bias)
+    x = torch.randn(5, 1, K, device=DEVICE).to(torch.bfloat16)
+    monkeypatch.setattr(triton_linear, "nf4_linear", None)  # the one-by-one fallback would fail
+    out = triton_linear.nf4_linear_group(x, *nf4, block_size, list(rows), K, biases, plan=plan)
+    ref = x.double() @ ref_weight.T + ref_bias
+    assert out.shape == (5, 1, sum(rows)) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_mm_group_of_more_rows_than_a_tile_from_a_strided_input(monkeypatch):
+    nf4, biases, ref_weight, ref_bias = _group((40, 24, 8), 192, 64, True, torch.bfloat16, True)
+    x = torch.randn(17, 384, device=DEVICE).to(torch.bfloat16)[:, ::2]  # 17 rows: two tiles of BLOCK_M = 16
+    monkeypatch.setattr(triton_linear, "nf4_linear", None)
+    out = triton_linear.nf4_linear_group(x, *nf4, 64, [40, 24, 8], 192, biases, plan=MM_SPLIT)
+    assert out.shape == (17, 72) and rel_err(out, x.double() @ ref_weight.T + ref_bias) < 1e-2
+
+
 @pytest.mark.parametrize("M", [1, 3])
 def test_linear_group_falls_back_to_one_linear_each(M):
     # Weights of two scale formats (and M = 3 rows): each linear on its own path, outputs side by side.
@@ -308,7 +333,7 @@ def test_plan_is_cached():
     assert triton_linear.plan_for(*args) is triton_linear.plan_for(*args)
 
 
-def test_untuned_shapes_borrow_only_gemv_plans_of_their_width(monkeypatch):
+def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(monkeypatch):
     gemv_11008 = {"path": "gemv", "config": dict(GEMV_SHUFFLE["config"], BLOCK_N=32)}
     gemv_14336 = {"path": "gemv", "config": dict(GEMV_SHUFFLE["config"], BLOCK_N=16)}
     shipped = {
@@ -320,7 +345,8 @@ def test_untuned_shapes_borrow_only_gemv_plans_of_their_width(monkeypatch):
     assert nearest((False, 12288, 4096, 1), 1) is gemv_11008  # q, k and v of Llama-2-7B: 12288 is nearer 11008
     assert nearest((False, 28672, 4096, 1), 1) is gemv_14336  # gate and up of Llama-3-8B
     assert nearest((False, 14336, 4096, 4), 4) is MM  # a tuned shape: its nearest tuned bucket
-    assert nearest((False, 12288, 4096, 16), 16) is None  # M > 1 on an untuned shape: the defaults
+    assert nearest((False, 12288, 4096, 16), 16) is MM  # q, k and v at batch 16: the mm plan of 14336 at M = 16
+    assert nearest((False, 12288, 4096, 8), 8) is None  # no tuned shape of that K at that bucket: the defaults
     assert nearest((False, 12288, 2048, 1), 1) is None  # no tuned shape of that K
 
 
@@ -396,6 +422,24 @@ def test_fit_pair_table_opts_in_what_passes_48_kb_and_refuses_what_passes_the_gp
     assert set_calls == [(2, 8, limit - static_bytes)]
     with pytest.raises(triton.runtime.errors.OutOfResources):
         triton_dequantize.fit_pair_table(Kernel(3, limit - static_bytes + 1), "cuda")
+
+
+def test_programmatic_dependent_launch_only_where_asked_for_and_supported(monkeypatch):
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_linear, "_PDL_CAPABLE", {})
+    monkeypatch.setattr(triton_linear, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.delenv("NF4COMPILE_PDL", raising=False)
+    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setenv("NF4COMPILE_PDL", "1")
+    assert triton_linear._pdl_meta(cuda0) == {"PDL": True, "launch_pdl": True}
+    assert triton_linear._pdl_meta(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(triton_linear, "_PDL_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # before Hopper
+    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(triton_linear, "INTERPRET", True)  # the interpreter has no gdc_wait
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
 
 
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
@@ -514,6 +558,35 @@ def test_backward_and_cuda_graph():
     static_out.fill_(float("nan"))
     graph.replay()
     assert rel_err(static_out, static_x.double() @ w64.T) < 1e-2
+
+
+@pytest.mark.parametrize("plan,M", [(GEMV_PAIRS, 1), (GEMV_ROW_SCALES, 1), (MM_PAIRS, 8), (MM_AFTER, 16)],
+                         ids=["gemv-pairs", "gemv-row-scales", "mm-pairs", "mm-after"])
+@pytest.mark.cuda
+@requires_cuda
+def test_programmatic_dependent_launch_cuda(plan, M, monkeypatch):
+    """With NF4COMPILE_PDL=1 a fused kernel may start before the previous kernel ends: the same bits as without,
+    and inside a CUDA graph it reads the x that the kernel before it just wrote (its gdc_wait)."""
+    N, K = 4096, 4096
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("NF4COMPILE_PDL", "0")
+    off = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan)
+    monkeypatch.setenv("NF4COMPILE_PDL", "1")
+    assert triton_linear._pdl_meta(x.device)["PDL"] == (torch.cuda.get_device_capability() >= (9, 0))
+    assert torch.equal(triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan), off)
+    static_x = torch.empty_like(x)
+    torch.mul(x, 2, out=static_x)
+    triton_linear.nf4_linear(static_x, packed, absmax, nested, offset, 64, N, K, plan=plan)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.mul(x, 2, out=static_x)  # the kernel right before the linear writes its input
+        static_out = triton_linear.nf4_linear(static_x, packed, absmax, nested, offset, 64, N, K, plan=plan)
+    for scale in (3.0, -1.0, 0.5):
+        x.copy_(torch.randn_like(x) * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_out, (2 * x).double() @ w64.T) < 1e-2
 
 
 if __name__ == "__main__":
