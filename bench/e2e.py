@@ -4,8 +4,8 @@
     PYTHONPATH=. python bench/e2e.py --plot bench/results/<file>.json      # PNG from a JSON (e.g. on a laptop)
 
 Methods: bf16 compiled; nf4compile compiled (fused, sibling linears grouped at decode); nf4compile compiled
-ungrouped (GroupSiblingLinears off); nf4compile compiled unfused (the Inductor pass off); nf4compile
-compiled with programmatic dependent launch (NF4COMPILE_PDL=1); bitsandbytes NF4 (nf4, double quant, bf16 compute; Linear4bit modules as transformers' loader installs
+ungrouped (GroupSiblingLinears off); nf4compile compiled unfused (the Inductor pass off);
+bitsandbytes NF4 (nf4, double quant, bf16 compute; Linear4bit modules as transformers' loader installs
 them) eager, and compiled; torchao NF4 compiled; bf16 eager as an anchor. Configurations run in priority
 order (PLAN) until --gpu-budget-s is spent; the JSON is rewritten after each one, so a run cut short still
 leaves every finished result, and a configuration that fails is recorded with its error.
@@ -87,12 +87,10 @@ PLAN = [
     ("llama-2-7b", 8, "nf4compile-unfused"),
     ("llama-2-7b", 1, "nf4compile-trees"),
     ("llama-2-7b", 8, "nf4compile-ungrouped"),
-    ("llama-2-7b", 1, "nf4compile-pdl"),
-    ("llama-2-7b", 8, "nf4compile-pdl"),
 ]
-COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees", "nf4compile-pdl",
-            "bnb-compiled", "torchao-compiled"}
-FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees", "nf4compile-pdl"}  # the others: compiled "if that works"
+COMPILED = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees", "bnb-compiled",
+            "torchao-compiled"}
+FULLGRAPH = {"bf16-compiled", "nf4compile", "nf4compile-ungrouped", "nf4compile-unfused", "nf4compile-trees"}  # the others: compiled "if that works"
 WARMUP_TOKENS = 3  # the decode step runs twice: CUDA-graph trees warm up, then record
 PREFILL_REPEATS = 3
 
@@ -283,10 +281,8 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     # Unfused: the Inductor pass leaves dequantize + matmul alone; ungrouped: sibling linears (q, k, v;
-    # gate, up) are not grouped into one launch; pdl: the fused kernels launch with programmatic dependent
-    # launch (ops/triton_linear.py). For this configuration only.
-    switches = {"nf4compile-unfused": {"NF4COMPILE_FUSE": "0"}, "nf4compile-ungrouped": {"NF4COMPILE_GROUP": "0"},
-                "nf4compile-pdl": {"NF4COMPILE_PDL": "1"}}
+    # gate, up) are not grouped into one launch. For this compile only.
+    switches = {"nf4compile-unfused": {"NF4COMPILE_FUSE": "0"}, "nf4compile-ungrouped": {"NF4COMPILE_GROUP": "0"}}
     hits_before = compile_cache_hits()
     with torch.no_grad(), mock.patch.dict(os.environ, switches.get(method, {})):
         warmup: dict = {}

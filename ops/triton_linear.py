@@ -262,7 +262,6 @@ def _nf4_gemv_kernel(
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
     MIXED: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
     # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is that many weights (_sibling_weight),
@@ -291,10 +290,6 @@ def _nf4_gemv_kernel(
     else:
         table = _codebook(code_ptr, SHUFFLE)
     smem_table = _codebook(code_ptr, False)  # read by MIXED lookups only
-    if PDL:
-        # Launched early (programmatic dependent launch): the code above reads constant tables only and
-        # overlaps the previous kernel's end; x, the weight and the output wait for it.
-        tl.extra.cuda.gdc_wait()
     # Partial sums per word, reduced across threads once after the loop, not every step. Scales
     # multiply each word's dot product, not each weight.
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
@@ -388,7 +383,8 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8, num_stages=1, lookup="pairs", prefetch=True),
     # "maxnreg": 64 caps the registers (80-95 otherwise; offline, 16-32 bytes spill to local memory) so that four
     # programs of 8 warps fit an SM, or six of 4 (the table's shared memory limits those): ncu found the pairs GEMV
-    # bound by latency at three programs of 8 warps (bench/NOTES.md).
+    # bound by latency at three programs of 8 warps (bench/NOTES.md). On the H100 they won only the q/k/v group of
+    # Llama-2-7B (16.84 vs 17.12 us) and lost 1-23% on the seven shapes (thirteenth session).
     *[dict(tile, num_stages=1, lookup="pairs", prefetch=True, maxnreg=64) for tile in (
         dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, scales="rows"),
         dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
@@ -426,7 +422,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
-        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], **_pdl_meta(x2.device),
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
         **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}),  # other plans launch as measured
     )
     return out if split_k == 1 else out.to(x2.dtype)
@@ -455,7 +451,7 @@ def _nf4_mm_kernel(
     X_AT_W: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
     GROUPS: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
-    PAIRS: tl.constexpr, SCALE_AFTER: tl.constexpr, PDL: tl.constexpr, WEIGHTS: tl.constexpr,
+    PAIRS: tl.constexpr, SCALE_AFTER: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
     # out^T [BLOCK_OUT, BLOCK_M] += A @ x^T, A the decoded tile W[out, red] (x @ W.T) or W[red, out]^T
     # (x @ W). M is the fastest grid axis, so the programs sharing a weight tile run together and
@@ -486,8 +482,6 @@ def _nf4_mm_kernel(
         table = codebook_pairs(pair_ptr)
     else:
         table = _codebook(code_ptr, SHUFFLE)
-    if PDL:  # as in the gemv
-        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_OUT, BLOCK_M], dtype=tl.float32)
     for r0 in range(r_start, tl.minimum(r_start + red_per_split, RED), BLOCK_RED):
         if SCALE_AFTER:
@@ -590,7 +584,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         GROUPS=tile_w // sub, SUB=sub, SPLIT_K=split_k, SHUFFLE=shuffle, PAIRS=use_pairs,
         SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
         EVEN=all(n % config["BLOCK_OUT"] == 0 for n in col_counts) and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
-        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], num_stages=config["num_stages"], **_pdl_meta(x2.device),
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if use_pairs and not INTERPRET:
         # The GEMM's own shared memory plus the pair table may pass 48 KB: the compiled kernel is opted in
@@ -605,20 +599,6 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_PDL_CAPABLE: dict[torch.device, bool] = {}
-_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False, "launch_pdl": False}
-
-
-def _pdl_meta(device: torch.device) -> dict:
-    """The fused kernels' PDL flag and Triton's launch_pdl: programmatic dependent launch (sm_90+), with
-    NF4COMPILE_PDL=1 (read per call, so a benchmark can switch it). A kernel so launched may start while the
-    previous kernel in the stream finishes: its programs stage the codebook tables, then wait (gdc_wait)
-    before they read x, the weight or the output."""
-    if os.environ.get("NF4COMPILE_PDL") != "1" or INTERPRET or device.type != "cuda":
-        return _PDL_OFF
-    if device not in _PDL_CAPABLE:
-        _PDL_CAPABLE[device] = torch.cuda.get_device_capability(device) >= (9, 0)
-    return _PDL_ON if _PDL_CAPABLE[device] else _PDL_OFF
 
 
 def _lookups(config, dtype) -> tuple[bool, bool, bool]:

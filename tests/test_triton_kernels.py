@@ -424,24 +424,6 @@ def test_fit_pair_table_opts_in_what_passes_48_kb_and_refuses_what_passes_the_gp
         triton_dequantize.fit_pair_table(Kernel(3, limit - static_bytes + 1), "cuda")
 
 
-def test_programmatic_dependent_launch_only_where_asked_for_and_supported(monkeypatch):
-    cuda0 = torch.device("cuda", 0)
-    monkeypatch.setattr(triton_linear, "_PDL_CAPABLE", {})
-    monkeypatch.setattr(triton_linear, "INTERPRET", False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    monkeypatch.delenv("NF4COMPILE_PDL", raising=False)
-    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setenv("NF4COMPILE_PDL", "1")
-    assert triton_linear._pdl_meta(cuda0) == {"PDL": True, "launch_pdl": True}
-    assert triton_linear._pdl_meta(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setattr(triton_linear, "_PDL_CAPABLE", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # before Hopper
-    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setattr(triton_linear, "INTERPRET", True)  # the interpreter has no gdc_wait
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert triton_linear._pdl_meta(cuda0) == {"PDL": False, "launch_pdl": False}
-
-
 @pytest.mark.parametrize("path", sorted(Path(triton_linear.__file__).parent.glob("tuned_configs_*.json")), ids=lambda p: p.name)
 def test_shipped_configs_are_candidates(path):
     entries = json.loads(path.read_text())["plans"]
@@ -558,35 +540,6 @@ def test_backward_and_cuda_graph():
     static_out.fill_(float("nan"))
     graph.replay()
     assert rel_err(static_out, static_x.double() @ w64.T) < 1e-2
-
-
-@pytest.mark.parametrize("plan,M", [(GEMV_PAIRS, 1), (GEMV_ROW_SCALES, 1), (MM_PAIRS, 8), (MM_AFTER, 16)],
-                         ids=["gemv-pairs", "gemv-row-scales", "mm-pairs", "mm-after"])
-@pytest.mark.cuda
-@requires_cuda
-def test_programmatic_dependent_launch_cuda(plan, M, monkeypatch):
-    """With NF4COMPILE_PDL=1 a fused kernel may start before the previous kernel ends: the same bits as without,
-    and inside a CUDA graph it reads the x that the kernel before it just wrote (its gdc_wait)."""
-    N, K = 4096, 4096
-    (packed, absmax, nested, offset), w64 = make_weight(N, K, 64, True)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setenv("NF4COMPILE_PDL", "0")
-    off = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan)
-    monkeypatch.setenv("NF4COMPILE_PDL", "1")
-    assert triton_linear._pdl_meta(x.device)["PDL"] == (torch.cuda.get_device_capability() >= (9, 0))
-    assert torch.equal(triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, N, K, plan=plan), off)
-    static_x = torch.empty_like(x)
-    torch.mul(x, 2, out=static_x)
-    triton_linear.nf4_linear(static_x, packed, absmax, nested, offset, 64, N, K, plan=plan)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        torch.mul(x, 2, out=static_x)  # the kernel right before the linear writes its input
-        static_out = triton_linear.nf4_linear(static_x, packed, absmax, nested, offset, 64, N, K, plan=plan)
-    for scale in (3.0, -1.0, 0.5):
-        x.copy_(torch.randn_like(x) * scale)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_out, (2 * x).double() @ w64.T) < 1e-2
 
 
 if __name__ == "__main__":
