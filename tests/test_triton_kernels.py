@@ -192,36 +192,23 @@ def _group(rows, K, block_size, double_quant, dtype, bias):
     return nf4, biases, ref_weight, ref_bias
 
 
+# One row: the gemv; a few rows (a decode batch): the mm, whose output tiles run over the weights in turn.
 @pytest.mark.parametrize(
-    "plan", [GEMV, GEMV_SPLIT, GEMV_PREFETCH, GEMV_MIXED, GEMV_ROW_SCALES, GEMV_PAIRS],
-    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales", "gemv-pairs"],
+    "plan,M",
+    [(GEMV, 1), (GEMV_SPLIT, 1), (GEMV_PREFETCH, 1), (GEMV_MIXED, 1), (GEMV_ROW_SCALES, 1), (GEMV_PAIRS, 1),
+     (MM, 5), (MM_SPLIT, 5), (MM_SHUFFLE, 5), (MM_AFTER, 5), (MM_PAIRS, 5), (MM_AFTER_PAIRS, 5)],
+    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales", "gemv-pairs",
+         "mm", "mm-splitk", "mm-shuffle", "mm-after", "mm-pairs", "mm-after-pairs"],
 )
 @pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemv_group_is_one_launch_over_the_weights(plan, rows, K, block_size, double_quant, bias, monkeypatch):
+def test_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, double_quant, bias, monkeypatch):
     nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, bias)
-    x = torch.randn(1, 1, K, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(M, 1, K, device=DEVICE).to(torch.bfloat16)
     monkeypatch.setattr(triton_linear, "nf4_linear", None)  # the one-by-one fallback would fail
     out = triton_linear.nf4_linear_group(x, *nf4, block_size, list(rows), K, biases, plan=plan)
     ref = x.double() @ ref_weight.T + ref_bias
-    assert out.shape == (1, 1, sum(rows)) and out.dtype == torch.bfloat16
-    assert rel_err(out, ref) < 1e-2
-
-
-@pytest.mark.parametrize(
-    "plan", [MM, MM_SPLIT, MM_SHUFFLE, MM_AFTER, MM_PAIRS, MM_AFTER_PAIRS],
-    ids=["mm", "mm-splitk", "mm-shuffle", "mm-after", "mm-pairs", "mm-after-pairs"],
-)
-@pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_mm_group_is_one_launch_over_the_weights(plan, rows, K, block_size, double_quant, bias, monkeypatch):
-    # A few rows of activations (a decode batch): one mm launch whose output tiles run over the weights in turn.
-    nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, bias)
-    x = torch.randn(5, 1, K, device=DEVICE).to(torch.bfloat16)
-    monkeypatch.setattr(triton_linear, "nf4_linear", None)  # the one-by-one fallback would fail
-    out = triton_linear.nf4_linear_group(x, *nf4, block_size, list(rows), K, biases, plan=plan)
-    ref = x.double() @ ref_weight.T + ref_bias
-    assert out.shape == (5, 1, sum(rows)) and out.dtype == torch.bfloat16
+    assert out.shape == (M, 1, sum(rows)) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 1e-2
 
 
