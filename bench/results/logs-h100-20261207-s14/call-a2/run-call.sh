@@ -1,0 +1,2 @@
+# Session 14 call A2 (inline, on the machine call A left warm): M = 256 tuned on the four largest shapes.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; export PYTHONUNBUFFERED=1; mkdir -p $OUT/logs; timeout 480 python3 bench/nf4_kernels.py --tune --ms 256 --shapes 28672x8192,14336x4096,4096x14336,8192x28672 --torchao-ms "" --suffix=-v9-m256 --out $OUT > $OUT/logs/tune-m256.log 2>&1; echo rc=$?; tail -c 6000 $OUT/logs/tune-m256.log; ls $OUT
