@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import re
@@ -229,17 +230,18 @@ def eager_overheads() -> dict:
 SIBLING_GROUPS = [((4096, 4096, 4096), 4096), ((11008, 11008), 4096), ((4096, 1024, 1024), 4096), ((14336, 14336), 4096)]
 
 
-def bench_sibling_groups(groups, tune_group: bool) -> list:
-    """M = 1: one nf4compile.linear_group launch over sibling weights against one nf4compile.linear
-    each, CUDA-graph times over weight copies worth 3x L2. With tune_group, every gemv candidate is
-    timed as that group launch and the fastest lands in the exported plans, filed under the group's
-    total rows as the dispatcher looks it up. (Timing one stacked weight of all the rows instead, as
-    before, chose a q/k/v plan slower as a group than the one it replaced: bench/NOTES.md.)"""
+def bench_sibling_groups(groups, ms, tune_group: bool) -> list:
+    """M rows of activations (each of ``ms``): one nf4compile.linear_group launch over sibling weights against
+    one nf4compile.linear each, CUDA-graph times over weight copies worth 3x L2. With tune_group, every
+    prefetching gemv candidate is timed as that group launch (for M > 1 also the plan the group borrows from
+    the nearest tuned width: an mm plan, see _nearest_shipped) and the fastest lands in the exported plans,
+    filed under the group's total rows as the dispatcher looks it up. (Timing one stacked weight of all the rows
+    instead, as before, chose a q/k/v plan slower as a group than the one it replaced: bench/NOTES.md.)"""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    for sizes, K in groups:
+    for (sizes, K), M in itertools.product(groups, ms):
         weights = [NF4Weight(torch.randn(n, K, device="cuda", dtype=torch.bfloat16)) for n in sizes]
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         copies = max(2, math.ceil(L2_FLUSH_FACTOR * l2 / sum(w.nbytes() for w in weights)))
         sets = [[w.copy() for w in weights] for _ in range(copies)]
 
@@ -250,7 +252,9 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
         timings = []
         if tune_group:
             # The prefetching gemv plans: every M = 1 winner, shapes and groups, since they exist.
-            candidates = [c for c in triton_linear.candidate_plans(1, False, x.dtype) if c.get("config", {}).get("prefetch")]
+            candidates = [c for c in triton_linear.candidate_plans(M, False, x.dtype) if c.get("config", {}).get("prefetch")]
+            if M > 1:
+                candidates.append(triton_linear.cached_plan(x, sum(sizes), K, BLOCK, False))
             best = triton_linear.fastest_plan(candidates, lambda plan: [group_call(ws, plan) for ws in sets], timings)
             triton_linear.remember_plan(x, sum(sizes), K, BLOCK, False, best)
         plan = triton_linear.cached_plan(x, sum(sizes), K, BLOCK, False)
@@ -259,6 +263,7 @@ def bench_sibling_groups(groups, tune_group: bool) -> list:
         grouped = group_call(weights)().double()
         rows.append({
             "weights": " + ".join(f"{n}x{K}" for n in sizes),
+            "M": M,
             "plan": plan,
             "us_separate": graph_us(lambda i: (lambda ws=sets[i]: [w.fused(x) for w in ws]), copies),
             "us_group": graph_us(lambda i: group_call(sets[i]), copies),
@@ -314,6 +319,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--group-ms", default="1", help="activation rows of the sibling-group runs")
     parser.add_argument("--torchao-ms", default="1,2048", help="the first on every shape, the others while "
                         "--torchao-budget-s (compile and timing) lasts")
     parser.add_argument("--torchao-budget-s", type=float, default=120.0)
@@ -366,7 +372,8 @@ def main() -> None:
         plot(rows, args.out / f"{stem}.png", f"NF4 linear vs bf16 cuBLAS on {gpu} (double quant, block {BLOCK})")
         if args.tune:
             export_plans(plans_path, plans_meta)
-    result["sibling_groups"] = bench_sibling_groups(SIBLING_GROUPS, args.tune)
+    group_ms = [int(m) for m in args.group_ms.split(",") if m]
+    result["sibling_groups"] = bench_sibling_groups(SIBLING_GROUPS, group_ms, args.tune)
     if args.tune:  # again: the groups' tuned plans
         export_plans(plans_path, plans_meta)
     result["eager_overhead"] = eager_overheads()

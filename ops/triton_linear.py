@@ -2,10 +2,10 @@
 
 Three paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
 passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
-  gemv     x @ W.T for one row of activations (decode): dot products on CUDA cores, W read once,
-           split-K where N is small. Per-thread partial sums, reduced once after the K loop; each
-           code costs a shift, a codebook lookup and a multiply-add (a word's eight products one
-           chain of multiply-adds). A plan may prefetch: the next step's loads are issued into
+  gemv     x @ W.T for one row of activations (decode), or up to GEMV_MAX_M rows where a tuned plan
+           chose it: dot products on CUDA cores, W read and decoded once for all rows, split-K where N
+           is small. Per-thread partial sums, reduced once after the K loop; each code costs a shift, a
+           codebook lookup and a multiply-add per row (a word's eight products one chain of multiply-adds). A plan may prefetch: the next step's loads are issued into
            registers before this step decodes, and load the scale parts in fewer sectors ("scales":
            "rows"). Bound by the L1's data pipe (a lookup per code, the scale parts), not yet by HBM:
            ncu, bench/NOTES.md.
@@ -65,11 +65,13 @@ def tuned_configs(chip: str) -> Path:
     """Where bench/nf4_kernels.py --tune files a chip's plans and the dispatcher reads them."""
     return Path(__file__).with_name(f"tuned_configs_{chip}.json")
 
-# Measured on an H100 (bench/NOTES.md): the gemv kernel serves one row of activations (decode): mm
-# took M = 4 from the earlier multi-row gemv on 6 of 7 shapes, its cost barely grows with M <= 16.
-# mm beats dequantize + cuBLAS up to M = 64 (M = 256 on some shapes). Used where no tuned plan
-# covers the shape.
-GEMV_MAX_M = 1
+# Measured on an H100 (bench/NOTES.md): the gemv kernel serves one row of activations (decode) by
+# default: mm took M = 4 from the first sessions' multi-row gemv on 6 of 7 shapes, its cost barely grows
+# with M <= 16. The gemv decodes a step once for all its rows, at one multiply-add per weight and row: the
+# tuner times it up to GEMV_MAX_M rows (offline sm_90 compiles: ~5 SASS instructions a weight for one row,
+# ~7.3 for two, ~11.4 for four, ~20 for eight). mm beats dequantize + cuBLAS up to M = 64 (M = 256 on some
+# shapes). Used where no tuned plan covers the shape.
+GEMV_MAX_M = 8
 MM_MAX_M = 256
 # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1), and the largest element offset the
 # kernels compute in int32 (activation and output rows; weight offsets are int64).
@@ -193,10 +195,8 @@ def _split8(t):
 
 
 @triton.jit
-def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.constexpr, PAIRS: tl.constexpr):
-    """The dot product of each word's 8 codebook values with x: words [R, G, W], x [G, W, 8] (fp32)
-    -> [R, G, W], one multiply and seven multiply-adds per word; tl.sum over the axis of 8 compiles to
-    a tree of four multiplies, four multiply-adds and three adds.
+def _word_values(table, smem_table, words, SHUFFLE: tl.constexpr, MIXED: tl.constexpr, PAIRS: tl.constexpr):
+    """The codebook values (fp32) of each word's 8 codes: words [R, G, W] -> 8 tensors [R, G, W], in element order.
 
     MIXED decodes the high nibbles from the shared-memory table (``smem_table``) and the low ones by
     shuffles (``table`` is the lane's entry), a plan the second session's model of the shared-memory
@@ -213,6 +213,15 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
         d7 = shuffle_lookup(table, words >> 24)
     else:
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(_decode_words(table, words, SHUFFLE, PAIRS))
+    return d0, d1, d2, d3, d4, d5, d6, d7
+
+
+@triton.jit
+def _word_dots(values, x):
+    """The dot product of each word's 8 values (_word_values) with x [G, W, 8] (fp32) -> [R, G, W]: one multiply
+    and seven multiply-adds per word; tl.sum over the axis of 8 compiles to a tree of four multiplies, four
+    multiply-adds and three adds."""
+    d0, d1, d2, d3, d4, d5, d6, d7 = values
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x[None, :, :, :])
     dots = d0 * x0
     dots += d1 * x1
@@ -223,6 +232,30 @@ def _word_dots(table, smem_table, words, x, SHUFFLE: tl.constexpr, MIXED: tl.con
     dots += d6 * x6
     dots += d7 * x7
     return dots
+
+
+@triton.jit
+def _add_scaled_dots(accs, table, smem_table, words, xs, scale, SHUFFLE: tl.constexpr, MIXED: tl.constexpr,
+                     PAIRS: tl.constexpr):
+    """accs[r] + the dots of the words with xs[r] times each group's scale, for each activation row r: the
+    words are decoded once for all rows. A tuple of per-row accumulators, not one tensor with a rows axis:
+    Triton lays a [R, G, W, rows] accumulator out unlike the decoded [R, G, W] words and converts every
+    decoded value through shared memory each step (offline sm_90 compiles)."""
+    values = _word_values(table, smem_table, words, SHUFFLE, MIXED, PAIRS)
+    new_accs = ()
+    for r in tl.static_range(len(accs)):
+        new_accs = new_accs + (accs[r] + _word_dots(values, xs[r].to(tl.float32)) * scale[:, :, None],)
+    return new_accs
+
+
+@triton.jit
+def _load_x_rows(x_ptr, x_col, mask, M, stride_xm, ROWS: tl.constexpr, EVEN: tl.constexpr):
+    """The tiles x[r, x_col] of activation rows 0 .. ROWS - 1 (a tuple); rows past M read row M - 1 again, so
+    that no row needs a mask (their outputs are not stored)."""
+    xs = ()
+    for r in tl.static_range(ROWS):
+        xs = xs + (masked_load(x_ptr + tl.minimum(r, M - 1) * stride_xm + x_col, mask, 0.0, EVEN),)
+    return xs
 
 
 @triton.jit
@@ -255,17 +288,18 @@ def _sibling_weight(
 @triton.jit
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
-    N, K, stride_w,
+    M, N, K, stride_w, stride_xm, stride_om,
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
-    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, SHUFFLE: tl.constexpr,
     MIXED: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, ROW_SCALES: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
-    # x [1, K] @ W.T: a program owns BLOCK_N rows of W and one of SPLIT_K slices of K, and streams
-    # that slice in steps of BLOCK_K columns. With WEIGHTS = 2 or 3, W is that many weights (_sibling_weight),
-    # all written into one output row [N + N1 + N2].
+    # x [M, K] @ W.T for M <= ROWS rows of activations: a program owns BLOCK_N rows of W and one of SPLIT_K
+    # slices of K, streams that slice in steps of BLOCK_K columns and decodes each step once for all M rows.
+    # With WEIGHTS = 2 or 3, W is that many weights (_sibling_weight), side by side in each output row
+    # [N + N1 + N2].
     BLOCK_K: tl.constexpr = GROUPS * SUB
     WORDS: tl.constexpr = SUB // 8
     pid_k = tl.program_id(1)
@@ -292,7 +326,9 @@ def _nf4_gemv_kernel(
     smem_table = _codebook(code_ptr, False)  # read by MIXED lookups only
     # Partial sums per word, reduced across threads once after the loop, not every step. Scales
     # multiply each word's dot product, not each weight.
-    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    accs = ()
+    for r in tl.static_range(ROWS):
+        accs = accs + (tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32),)
     if PREFETCH:
         # Double buffering in registers: the next step's loads are issued before this step decodes,
         # so every thread keeps a step of HBM reads in flight while it computes, without staging
@@ -308,17 +344,17 @@ def _nf4_gemv_kernel(
             packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_first, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB,
             EVEN, ROW_SCALES,
         )
-        x = masked_load(x_ptr + k_first + x_col, (k_first + g_col < K)[:, None, None], 0.0, EVEN)
+        xs = _load_x_rows(x_ptr + k_first, x_col, (k_first + g_col < K)[:, None, None], M, stride_xm, ROWS, EVEN)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):
             k_next = tl.minimum(k0 + BLOCK_K, k_last)
             next_words, next_part, next_nested = _load_tile_parts(
                 packed_ptr, absmax_ptr, nested_ptr, rows, row_mask, k_next, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS,
                 SUB, EVEN, ROW_SCALES,
             )
-            next_x = masked_load(x_ptr + k_next + x_col, (k_next + g_col < K)[:, None, None], 0.0, EVEN)
+            next_xs = _load_x_rows(x_ptr + k_next, x_col, (k_next + g_col < K)[:, None, None], M, stride_xm, ROWS, EVEN)
             scale = resolve_scales(part, nested, offset_ptr, dyn_ptr, DOUBLE_QUANT, dyn_table)
-            acc += _word_dots(table, smem_table, words, x.to(tl.float32), SHUFFLE, MIXED, PAIRS) * scale[:, :, None]
-            words, part, nested, x = next_words, next_part, next_nested, next_x
+            accs = _add_scaled_dots(accs, table, smem_table, words, xs, scale, SHUFFLE, MIXED, PAIRS)
+            words, part, nested, xs = next_words, next_part, next_nested, next_xs
     else:
         # Pipelined explicitly: Triton only pipelines loops with a tl.dot by itself.
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
@@ -326,16 +362,20 @@ def _nf4_gemv_kernel(
                 packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                 rows, row_mask, k0, K, stride_w, QBLOCK, DOUBLE_QUANT, GROUPS, SUB, EVEN,
             )
-            x = masked_load(x_ptr + k0 + x_col, (k0 + g_col < K)[:, None, None], 0.0, EVEN).to(tl.float32)
-            acc += _word_dots(table, smem_table, words, x, SHUFFLE, MIXED, PAIRS) * scale[:, :, None]
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+            xs = _load_x_rows(x_ptr + k0, x_col, (k0 + g_col < K)[:, None, None], M, stride_xm, ROWS, EVEN)
+            accs = _add_scaled_dots(accs, table, smem_table, words, xs, scale, SHUFFLE, MIXED, PAIRS)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        out += tl.where(pid_k == 0, bias, 0.0)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_row0 + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
-    else:
-        tl.atomic_add(out_ptr + out_row0 + rows, out, mask=row_mask, sem="relaxed")
+        bias = tl.where(pid_k == 0, tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
+    for r in tl.static_range(ROWS):
+        out = tl.sum(tl.sum(accs[r], axis=2), axis=1)
+        if HAS_BIAS:
+            out += bias
+        out_ptrs = out_ptr + r * stride_om + out_row0 + rows
+        out_mask = row_mask & (rows * 0 + r < M)
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out_ptrs, out, mask=out_mask, sem="relaxed")
 
 
 # BLOCK_N rows x BLOCK_K columns per step. Triton lays a [BLOCK_N, BLOCK_K / 8] tile of words out as
@@ -401,24 +441,39 @@ GEMV_CONFIGS = [
 ]
 
 
+# Several rows of activations: the prefetching tiles (each thread holds every row's partial sums, 1-4 weight
+# rows a thread, the most registers where rows are many), both lookups, and split-K for small N.
+GEMV_ROWS_CONFIGS = [
+    *[dict(tile, num_stages=1, lookup=lookup, prefetch=True) for lookup in ("shuffle", "pairs") for tile in (
+        dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4),
+        dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8),
+        dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=8),
+    )],
+    dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=2, num_warps=4, num_stages=1, lookup="pairs", prefetch=True),
+]
+
+
 def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
-    """Launch wrapper: x2 [1, K] @ W.T (+ bias) -> [1, N] in x2.dtype. ``siblings``: up to two more
-    weights of K columns, each (packed, absmax, nested_absmax, offset, rows, bias) in W's scale format and
-    with a bias where W has one, whose outputs follow W's in one row [1, N + rows1 + rows2]."""
-    assert x2.shape[0] == 1, "the gemv kernel serves one row of activations"
+    """Launch wrapper: x2 [M, K] @ W.T (+ bias) -> [M, N] in x2.dtype, M <= GEMV_MAX_M. ``siblings``: up to
+    two more weights of K columns, each (packed, absmax, nested_absmax, offset, rows, bias) in W's scale format
+    and with a bias where W has one, whose outputs follow W's in each row [M, N + rows1 + rows2]."""
+    M = x2.shape[0]
+    assert 1 <= M <= GEMV_MAX_M, f"the gemv kernel serves 1 to {GEMV_MAX_M} rows of activations"
     assert len(siblings) <= 2, "the gemv kernel reads at most three weights"
     split_k, block_n = config["SPLIT_K"], config["BLOCK_N"]
     row_counts = (N, *(w[4] for w in siblings))
-    out = _output(1, sum(row_counts), x2, split_k)
+    out = _output(M, sum(row_counts), x2, split_k)
     code, dyn, pairs = lookup_tables(x2.device)
     shuffle, mixed, use_pairs = _lookups(config, x2.dtype)
     sub = min(config["BLOCK_K"], block_size)
     grid = (sum(-(-n // block_n) for n in row_counts), split_k)
     _nf4_gemv_kernel[grid](
         x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), code, dyn, pairs,
-        bias if bias is not None else out, out, N, K, K // 8, *_sibling_args(siblings, packed, absmax, out),
+        bias if bias is not None else out, out, M, N, K, K // 8, x2.stride(0), out.stride(0),
+        *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
+        ROWS=triton.next_power_of_2(M), BLOCK_N=block_n, GROUPS=config["BLOCK_K"] // sub, SUB=sub, SPLIT_K=split_k, NUM_STAGES=config["num_stages"],
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
@@ -547,6 +602,8 @@ MM_CONFIGS = [
         dict(BLOCK_M=32, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=2, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_OUT=64, BLOCK_RED=128, SPLIT_K=1, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_OUT=128, BLOCK_RED=128, SPLIT_K=1, num_warps=8, num_stages=3),
         dict(BLOCK_M=256, BLOCK_OUT=128, BLOCK_RED=64, SPLIT_K=1, num_warps=8, num_stages=3),
     )],
     # Scale after the dot (x @ W.T; see the kernel): 16-30% fewer instructions a weight than the same
@@ -662,7 +719,7 @@ def default_plan(M, N, K, x_at_w, dtype, device) -> dict:
     """The plan where nothing was tuned: thresholds on M, tile sizes by M, split-K to fill the SMs."""
     mixed = dtype in _TL_DTYPES
     sms = _num_sms(device)
-    if not x_at_w and M <= GEMV_MAX_M:
+    if not x_at_w and M == 1:
         config = dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3)
         config["SPLIT_K"] = _split_for(triton.cdiv(N, 16), triton.cdiv(K, 512), sms)
         return {"path": "gemv", "config": config}
@@ -681,7 +738,8 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
     bucket = _m_bucket(M)
     if not x_at_w and bucket <= GEMV_MAX_M:
         # fp32 activations would run a pairs config by shuffles (_lookups): the shuffle configs are timed instead.
-        plans += [{"path": "gemv", "config": c} for c in GEMV_CONFIGS if dtype in _TL_DTYPES or c.get("lookup") != "pairs"]
+        configs = GEMV_CONFIGS if bucket == 1 else GEMV_ROWS_CONFIGS
+        plans += [{"path": "gemv", "config": c} for c in configs if dtype in _TL_DTYPES or c.get("lookup") != "pairs"]
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
         fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)
@@ -736,10 +794,11 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # if that plan can serve this M and dtype. An untuned shape (a sibling group's rows together,
     # another model's widths) borrows the plan of the tuned shape with its K, its M bucket and the
     # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
+    # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight.
     x_at_w, N, K, bucket = key
     usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
-        if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and M > GEMV_MAX_M):
+        if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and b != bucket):
             continue
         if n != N:
             if plan["path"] == "gemv" or (plan["path"] == "mm" and b == bucket and dtype in _TL_DTYPES):
@@ -911,7 +970,7 @@ register_kernel("linear", "CUDA", _linear_cuda)
 
 def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
     """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): two or three weights of one
-    scale format in one launch (the gemv for one row of activations, the mm for a few) where the plan of one
+    scale format in one launch (the gemv or the mm, with the plan a weight of all the group's rows would take) where the plan of one
     weight of all the group's rows takes a fused kernel; else each linear on its own path, outputs
     concatenated. ``plan`` forces the plan."""
     check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)

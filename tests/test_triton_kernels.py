@@ -155,6 +155,27 @@ def test_gemv(plan, N, K, block_size, double_quant, bias):
     _check_linear(plan, N, K, block_size, double_quant, 1, torch.bfloat16, bias=bias)
 
 
+# Several rows of activations, each step decoded once for all: 2 rows, 3 (a fourth row re-reads the third and
+# is not stored) and 8, on an odd shape and one every tile divides (EVEN), split-K's atomics included.
+@pytest.mark.parametrize(
+    "plan", [GEMV, GEMV_PREFETCH, GEMV_PAIRS, GEMV_ROW_SCALES_SPLIT], ids=["gemv", "gemv-prefetch", "gemv-pairs", "gemv-row-scales-splitk"]
+)
+@pytest.mark.parametrize("N,K,block_size,double_quant", [LINEAR_CASES[0], LINEAR_CASES[-1]])
+@pytest.mark.parametrize("M", [2, 3, 8])
+def test_gemv_rows(plan, N, K, block_size, double_quant, M):
+    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
+
+
+def test_gemv_rows_of_a_strided_input_and_fp32():
+    (packed, absmax, nested, offset), w64 = make_weight(40, 192, 64, True)
+    x = torch.randn(5, 384, device=DEVICE).to(torch.bfloat16)[:, ::2]  # rows 384 apart, copied to contiguous rows
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, 40, 192, plan=GEMV_PREFETCH)
+    assert rel_err(out, x.double() @ w64.T) < 1e-2
+    x = torch.randn(3, 400, device=DEVICE)[:, 8:200]  # rows 400 apart, read in place
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, 64, 40, 192, plan=GEMV_PAIRS)
+    assert out.dtype == torch.float32 and rel_err(out, x.double() @ w64.T) < 1e-5
+
+
 @pytest.mark.parametrize("plan", [GEMV_PREFETCH, GEMV_ROW_SCALES], ids=["gemv-prefetch", "gemv-row-scales"])
 def test_gemv_weights_of_several_nested_blocks(plan):
     # 1536 quantization blocks, 6 nested blocks of 256: the row-scales plan reads one nested absmax per row
@@ -192,12 +213,12 @@ def _group(rows, K, block_size, double_quant, dtype, bias):
     return nf4, biases, ref_weight, ref_bias
 
 
-# One row: the gemv; a few rows (a decode batch): the mm, whose output tiles run over the weights in turn.
+# One row or a few (a decode batch): the gemv or the mm, whose output tiles run over the weights in turn.
 @pytest.mark.parametrize(
     "plan,M",
     [(GEMV, 1), (GEMV_SPLIT, 1), (GEMV_PREFETCH, 1), (GEMV_MIXED, 1), (GEMV_ROW_SCALES, 1), (GEMV_PAIRS, 1),
-     (MM, 5), (MM_SPLIT, 5), (MM_SHUFFLE, 5), (MM_AFTER, 5), (MM_PAIRS, 5), (MM_AFTER_PAIRS, 5)],
-    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales", "gemv-pairs",
+     (GEMV_PAIRS, 3), (MM, 5), (MM_SPLIT, 5), (MM_SHUFFLE, 5), (MM_AFTER, 5), (MM_PAIRS, 5), (MM_AFTER_PAIRS, 5)],
+    ids=["gemv", "gemv-splitk", "gemv-prefetch", "gemv-mixed", "gemv-row-scales", "gemv-pairs", "gemv-pairs-3-rows",
          "mm", "mm-splitk", "mm-shuffle", "mm-after", "mm-pairs", "mm-after-pairs"],
 )
 @pytest.mark.parametrize("rows,K,block_size,double_quant", GROUP_CASES)
@@ -297,18 +318,18 @@ def test_dispatch_unaligned_codes():
 
 
 def test_dispatch_rule():
-    """Default plans (no tuned entry): gemv up to GEMV_MAX_M, mm up to MM_MAX_M, then dequant."""
+    """Default plans (no tuned entry): gemv for one row, mm up to MM_MAX_M, then dequant. (The gemv serves up to
+    GEMV_MAX_M rows where a tuned plan chose it.)"""
     plan = triton_linear.default_plan
     dev = torch.device(DEVICE)
     bf16, fp32 = torch.bfloat16, torch.float32
     assert plan(1, 4096, 4096, False, bf16, dev)["path"] == "gemv"
-    assert plan(triton_linear.GEMV_MAX_M, 4096, 4096, False, bf16, dev)["path"] == "gemv"
-    assert plan(triton_linear.GEMV_MAX_M + 1, 4096, 4096, False, bf16, dev)["path"] == "mm"
+    assert plan(2, 4096, 4096, False, bf16, dev)["path"] == "mm"
     assert plan(1, 4096, 4096, True, bf16, dev)["path"] == "mm"  # no gemv for x @ W
     assert plan(triton_linear.MM_MAX_M, 4096, 4096, False, bf16, dev)["path"] == "mm"
     assert plan(triton_linear.MM_MAX_M + 1, 4096, 4096, False, bf16, dev)["path"] == "dequant"
     assert plan(1, 4096, 4096, False, fp32, dev)["path"] == "gemv"
-    assert plan(16, 4096, 4096, False, fp32, dev)["path"] == "dequant"  # fp32 never takes tl.dot
+    assert plan(2, 4096, 4096, False, fp32, dev)["path"] == "dequant"  # fp32 never takes tl.dot
     # A small N asks for split-K so that the grid covers the SMs.
     assert plan(1, 256, 8192, False, bf16, dev)["config"]["SPLIT_K"] > 1
 
@@ -325,7 +346,7 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     gemv_14336 = {"path": "gemv", "config": dict(GEMV_SHUFFLE["config"], BLOCK_N=16)}
     shipped = {
         (False, 11008, 4096, 1): gemv_11008, (False, 14336, 4096, 1): gemv_14336,
-        (False, 14336, 4096, 16): MM, (False, 4096, 11008, 1): GEMV,
+        (False, 14336, 4096, 16): MM, (False, 4096, 11008, 1): GEMV, (False, 11008, 4096, 4): GEMV_PAIRS,
     }
     monkeypatch.setattr(triton_linear, "_shipped_plans", lambda device: shipped)
     nearest = lambda key, M: triton_linear._nearest_shipped(key, M, torch.bfloat16, torch.device(DEVICE))
@@ -335,6 +356,9 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     assert nearest((False, 12288, 4096, 16), 16) is MM  # q, k and v at batch 16: the mm plan of 14336 at M = 16
     assert nearest((False, 12288, 4096, 8), 8) is None  # no tuned shape of that K at that bucket: the defaults
     assert nearest((False, 12288, 2048, 1), 1) is None  # no tuned shape of that K
+    # A gemv plan serves its own bucket only (a one-row tile may spill registers with eight rows).
+    assert nearest((False, 4096, 11008, 2), 2) is None
+    assert nearest((False, 12288, 4096, 4), 4) is GEMV_PAIRS  # tuned for 4 rows of the nearest width
 
 
 def test_gpu_chip_names_the_shipped_file():
