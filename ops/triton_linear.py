@@ -254,7 +254,8 @@ def _load_x_rows(x_ptr, x_col, mask, M, stride_xm, ROWS: tl.constexpr, EVEN: tl.
     that no row needs a mask (their outputs are not stored)."""
     xs = ()
     for r in tl.static_range(ROWS):
-        xs = xs + (masked_load(x_ptr + tl.minimum(r, M - 1) * stride_xm + x_col, mask, 0.0, EVEN),)
+        row_ptr = x_ptr if r == 0 else x_ptr + tl.minimum(r, M - 1) * stride_xm
+        xs = xs + (masked_load(row_ptr + x_col, mask, 0.0, EVEN),)
     return xs
 
 
@@ -365,13 +366,13 @@ def _nf4_gemv_kernel(
             xs = _load_x_rows(x_ptr + k0, x_col, (k0 + g_col < K)[:, None, None], M, stride_xm, ROWS, EVEN)
             accs = _add_scaled_dots(accs, table, smem_table, words, xs, scale, SHUFFLE, MIXED, PAIRS)
     if HAS_BIAS:
-        bias = tl.where(pid_k == 0, tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
+        bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     for r in tl.static_range(ROWS):
         out = tl.sum(tl.sum(accs[r], axis=2), axis=1)
         if HAS_BIAS:
-            out += bias
+            out += tl.where(pid_k == 0, bias, 0.0)
         out_ptrs = out_ptr + r * stride_om + out_row0 + rows
-        out_mask = row_mask & (rows * 0 + r < M)
+        out_mask = row_mask if r == 0 else row_mask & (rows * 0 + r < M)  # M >= 1
         if SPLIT_K == 1:
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:

@@ -465,7 +465,7 @@ def test_llama_shapes_cuda(N, K, M, double_quant):
     assert rel_err(out_t, grad.double() @ w64) < 1e-2
 
 
-@pytest.mark.parametrize("M,x_at_w", [(1, False), (16, False), (64, False), (256, False), (16, True)])
+@pytest.mark.parametrize("M,x_at_w", [(1, False), (3, False), (8, False), (16, False), (64, False), (256, False), (16, True)])
 @pytest.mark.cuda
 @requires_cuda
 def test_every_candidate_plan_cuda(M, x_at_w):
