@@ -166,6 +166,11 @@ def test_gemv_rows(plan, N, K, block_size, double_quant, M):
     _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
 
 
+def test_gemv_plan_forced_on_more_rows_than_it_serves_takes_dequantize():
+    # kernel_can_serve turns the forced plan down: the dequantize path computes it.
+    _check_linear(GEMV_PAIRS, 40, 192, 64, True, triton_linear.GEMV_MAX_M + 1, torch.bfloat16, bias=True)
+
+
 def test_gemv_rows_of_a_strided_input_and_fp32():
     (packed, absmax, nested, offset), w64 = make_weight(40, 192, 64, True)
     x = torch.randn(5, 384, device=DEVICE).to(torch.bfloat16)[:, ::2]  # rows 384 apart, copied to contiguous rows
