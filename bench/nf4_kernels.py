@@ -1,6 +1,6 @@
 """NF4 linear kernels against bf16 cuBLAS and what users would pick instead, on one GPU, in one run.
 
-    python bench/nf4_kernels.py [--tune] [--out DIR] [--shapes 4096x4096,...] [--ms 1,4,...]
+    python bench/nf4_kernels.py [--tune] [--out DIR] [--shapes 4096x4096,...] [--ms 1,4,...] [--group-ms 1,8]
 
 Methods per (N, K, M): bf16 F.linear (cuBLAS); unfused (our dequantize + cuBLAS); fused
 (torch.ops.nf4compile.linear, i.e. the dispatcher); bitsandbytes matmul_4bit (nf4, double quant, bf16
@@ -15,7 +15,7 @@ weight copies to overflow L2 three times (speedups then compare graph times); th
 cost (Python + dispatch) is reported separately. Bandwidth figures count the bytes a method must move (weights in its format, x, out) and
 compare them with a device-to-device copy measured in the same run.
 
-Sibling groups (M = 1): nf4compile.linear_group (one launch over q, k and v, or gate and up: what
+Sibling groups (M = 1, or each of --group-ms): nf4compile.linear_group (one launch over q, k and v, or gate and up: what
 the GroupSiblingLinears pass makes of a decoder layer) against one nf4compile.linear per weight.
 
 --tune times every candidate plan of the dispatcher first (ops/triton_linear.py) and writes the
