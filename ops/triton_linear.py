@@ -366,11 +366,11 @@ def _nf4_gemv_kernel(
             xs = _load_x_rows(x_ptr + k0, x_col, (k0 + g_col < K)[:, None, None], M, stride_xm, ROWS, EVEN)
             accs = _add_scaled_dots(accs, table, smem_table, words, xs, scale, SHUFFLE, MIXED, PAIRS)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        bias = tl.where(pid_k == 0, tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
     for r in tl.static_range(ROWS):
         out = tl.sum(tl.sum(accs[r], axis=2), axis=1)
         if HAS_BIAS:
-            out += tl.where(pid_k == 0, bias, 0.0)
+            out += bias
         out_ptrs = out_ptr + r * stride_om + out_row0 + rows
         out_mask = row_mask if r == 0 else row_mask & (rows * 0 + r < M)  # M >= 1
         if SPLIT_K == 1:
@@ -802,7 +802,7 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
         if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and b != bucket):
             continue
         if n != N:
-            if plan["path"] == "gemv" or (plan["path"] == "mm" and b == bucket and dtype in _TL_DTYPES):
+            if b == bucket and (plan["path"] == "gemv" or (plan["path"] == "mm" and dtype in _TL_DTYPES)):
                 of_width.append((abs(math.log(n / N)), n, plan))
         elif plan["path"] != "mm" or dtype in _TL_DTYPES:
             usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
@@ -971,9 +971,8 @@ register_kernel("linear", "CUDA", _linear_cuda)
 
 def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
     """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): two or three weights of one
-    scale format in one launch (the gemv or the mm, with the plan a weight of all the group's rows would take) where the plan of one
-    weight of all the group's rows takes a fused kernel; else each linear on its own path, outputs
-    concatenated. ``plan`` forces the plan."""
+    scale format in one launch of the gemv or the mm, where the plan of one weight of all the group's rows takes
+    a fused kernel; else each linear on its own path, outputs concatenated. ``plan`` forces the plan."""
     check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
     K, N = in_features, sum(out_features)
     weights = list(zip(packed, absmax, nested_absmax, offset, out_features, bias))
