@@ -22,22 +22,26 @@ from nf4compile.ops.nf4_ops import check_scales, dequantize
 # with the same values. A constexpr, so that kernels may read it; host code reads it as a bool.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
 # The codebook values of each byte's two codes (high nibble first) as fp16 pairs packed in an int32
 # (the first in the low half): "pairs" plans decode two weights per shared-memory read. fp16 keeps 11
 # significant bits (relative error <= 2**-11 per value, below the bf16 rounding of a dequantized weight).
 NF4_FP16_PAIRS = nf4_format.NF4_PAIRS.to(torch.float16).view(torch.int32).reshape(256)
+# The same pairs in bf16: the mma gemv's operand for bf16 activations (8 significant bits, as the bf16 weight
+# that dequantize writes; the block scale multiplies the mma's fp32 result).
+NF4_BF16_PAIRS = nf4_format.NF4_PAIRS.to(torch.bfloat16).view(torch.int32).reshape(256)
 
 
-def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(NF4 codebook fp32[16], signed dynamic map fp32[256], codebook pairs int32[256]) on ``device``,
-    copied once.
+def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NF4 codebook fp32[16], signed dynamic map fp32[256], codebook pairs int32[256] as fp16 and as bf16) on
+    ``device``, copied once.
 
     Cached so that a call inside a CUDA graph capture never copies from the host.
     """
     if device not in _TABLES:
-        _TABLES[device] = tuple(t.to(device) for t in (nf4_format.NF4_CODEBOOK, nf4_format.DYNAMIC_MAP, NF4_FP16_PAIRS))
+        _TABLES[device] = tuple(t.to(device) for t in (
+            nf4_format.NF4_CODEBOOK, nf4_format.DYNAMIC_MAP, NF4_FP16_PAIRS, NF4_BF16_PAIRS))
     return _TABLES[device]
 
 
@@ -210,16 +214,22 @@ def _check_cuda(result: int) -> None:
 
 
 @triton.jit
-def _pair_values(pair):
-    """The two fp32 values of fp16 pairs (the first in the low half)."""
-    low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    high = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return low, high
+def pair_values(pair, BF16: tl.constexpr = False):
+    """The two fp32 values of fp16 (or BF16) pairs (the first in the low half)."""
+    if BF16:
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        high = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, high
 
 
-# pair_lookup's PTX: byte j of the word ($8) moved to bits 7-14 (its entry lies at 128 * byte + 4 * lane past the
-# table, the lane's offset $9 in bits 2-6; the table's address is a constant that ptxas folds into the load), one
-# shared-memory read, the pair's halves widened into outputs 2j and 2j + 1.
+# Byte j of a 32-bit word moved to bits 7-14 by this shift (then masked with 32640): its pair's entry lies at
+# 128 * byte + 4 * lane past codebook_pairs' table.
+PAIR_BYTE_SHIFTS = [("shl.b32", 7), ("shr.b32", 1), ("shr.b32", 9), ("shr.b32", 17)]
+# pair_lookup's PTX: byte j of the word ($8) moved to its entry (the lane's offset $9 in bits 2-6; the table's
+# address is a constant that ptxas folds into the load), one shared-memory read, the pair's halves widened into
+# outputs 2j and 2j + 1.
 _PAIR_BYTE_PTX = """
         {shift} a, $8, {bits};
         and.b32 a, a, 32640;
@@ -232,7 +242,7 @@ _PAIR_BYTE_PTX = """
 _PAIR_LOOKUP_PTX = tl.constexpr(
     "{\n        .reg .b32 a, p, t;\n        .reg .b16 lo, hi;\n        mov.u32 t, nf4_pairs;"
     + "".join(_PAIR_BYTE_PTX.format(shift=shift, bits=bits, low=2 * j, high=2 * j + 1)
-              for j, (shift, bits) in enumerate([("shl.b32", 7), ("shr.b32", 1), ("shr.b32", 9), ("shr.b32", 17)]))
+              for j, (shift, bits) in enumerate(PAIR_BYTE_SHIFTS))
     + "\n        }"
 )
 
@@ -242,10 +252,10 @@ def pair_lookup(pairs, words):
     """The codebook values (fp32) of each 32-bit word's 8 codes, in element order (8 tensors): one
     shared-memory read per byte from codebook_pairs' copy, which ``pairs`` addresses."""
     if INTERPRET:
-        d0, d1 = _pair_values(gather_table(pairs, words & 0xFF))
-        d2, d3 = _pair_values(gather_table(pairs, (words >> 8) & 0xFF))
-        d4, d5 = _pair_values(gather_table(pairs, (words >> 16) & 0xFF))
-        d6, d7 = _pair_values(gather_table(pairs, (words >> 24) & 0xFF))
+        d0, d1 = pair_values(gather_table(pairs, words & 0xFF))
+        d2, d3 = pair_values(gather_table(pairs, (words >> 8) & 0xFF))
+        d4, d5 = pair_values(gather_table(pairs, (words >> 16) & 0xFF))
+        d6, d7 = pair_values(gather_table(pairs, (words >> 24) & 0xFF))
         return d0, d1, d2, d3, d4, d5, d6, d7
     else:
         return tl.inline_asm_elementwise(_PAIR_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [words, pairs],
@@ -289,7 +299,7 @@ def nf4_dequantize(packed, absmax, nested_absmax, offset, block_size, shape, dty
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     if numel == 0:
         return out
-    code, dyn, _ = lookup_tables(packed.device)
+    code, dyn, _, _ = lookup_tables(packed.device)
     double_quant = nested_absmax is not None
     grid = (-(-numel // DEQUANT_BLOCK),)
     _nf4_dequantize_kernel[grid](

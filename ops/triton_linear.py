@@ -1,6 +1,6 @@
 """CUDA implementation of ``nf4compile.linear``: fused NF4 GEMV and GEMM kernels and their dispatcher.
 
-Three paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
+Four paths; each call picks one by M (the activation rows) and the weight's shape, because the graph
 passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave the choice to run time:
   gemv     x @ W.T for one row of activations (decode), or up to GEMV_MAX_M rows where a tuned plan
            chose it: dot products on CUDA cores, W read and decoded once for all rows, split-K where N
@@ -9,6 +9,11 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            registers before this step decodes, and load the scale parts in fewer sectors ("scales":
            "rows"). Bound by the L1's data pipe (a lookup per code, the scale parts), not yet by HBM:
            ncu, bench/NOTES.md.
+  mma_gemv x @ W.T for up to 8 rows on the tensor cores by mma.sync (PTX), where a tuned plan chose it: each
+           thread is one lane of an m16n8k16 mma (16 weight rows by 8 activation rows), decodes its A fragment
+           straight into registers by pair lookups and loads x as its B fragment, so a weight costs ~3.4
+           instructions for all 8 rows (offline sm_90) against the gemv's ~5 for one; no shared-memory round
+           trip of the decoded tile, unlike mm.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
@@ -49,8 +54,8 @@ from nf4compile.ops.nf4_ops import (
     ACTIVATION_DTYPES, check_linear_args, check_linear_group_args, check_scales, register_kernel,
 )
 from nf4compile.ops.triton_dequantize import (
-    INTERPRET, codebook_pairs, fit_pair_table, gather_table, lane_codebook, load_scale_parts, lookup, lookup_tables,
-    masked_load, nf4_dequantize, pair_lookup, resolve_scales, shuffle_lookup, well_formed,
+    INTERPRET, PAIR_BYTE_SHIFTS, codebook_pairs, fit_pair_table, gather_table, lane_codebook, load_scale_parts, lookup,
+    lookup_tables, masked_load, nf4_dequantize, pair_lookup, pair_values, resolve_scales, shuffle_lookup, well_formed,
 )
 
 
@@ -266,10 +271,12 @@ def _sibling_weight(
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
 ):
-    """Where W is the row-concatenation of WEIGHTS (2 or 3) NF4 weights of K columns (sibling linears of one input,
+    """Where W is the row-concatenation of WEIGHTS (1, 2 or 3) NF4 weights of K columns (sibling linears of one input,
     e.g. q, k and v): the first cdiv(N, BLOCK) tiles of BLOCK output rows are the first weight's, the next ones
     the second's. Returns the tile's index within its weight, the weight's first output row, its row count
-    (a tensor even where Triton made N a constant) and its pointers."""
+    (with siblings a tensor, even where Triton made N a constant) and its pointers."""
+    if WEIGHTS == 1:
+        return tile, 0, N, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr
     out_row0 = tile * 0
     n_rows = N + out_row0
     if tile >= tl.cdiv(N, BLOCK):
@@ -304,15 +311,11 @@ def _nf4_gemv_kernel(
     BLOCK_K: tl.constexpr = GROUPS * SUB
     WORDS: tl.constexpr = SUB // 8
     pid_k = tl.program_id(1)
-    tile = tl.program_id(0)
-    out_row0 = 0
-    n_rows = N
-    if WEIGHTS > 1:
-        tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
-            tile, BLOCK_N, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
-            packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
-            packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
-        )
+    tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
+        tl.program_id(0), BLOCK_N, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+        packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+        packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
+    )
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     g_col = tl.arange(0, GROUPS) * SUB
@@ -465,7 +468,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
     split_k, block_n = config["SPLIT_K"], config["BLOCK_N"]
     row_counts = (N, *(w[4] for w in siblings))
     out = _output(M, sum(row_counts), x2, split_k)
-    code, dyn, pairs = lookup_tables(x2.device)
+    code, dyn, pairs, _ = lookup_tables(x2.device)
     shuffle, mixed, use_pairs = _lookups(config, x2.dtype)
     sub = min(config["BLOCK_K"], block_size)
     grid = (sum(-(-n // block_n) for n in row_counts), split_k)
@@ -480,6 +483,251 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
         WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
         **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}),  # other plans launch as measured
+    )
+    return out if split_k == 1 else out.to(x2.dtype)
+
+
+# mma gemv ---------------------------------------------------------------------------------------
+
+
+def _mma_chunk_ptx(operand: str) -> str:
+    """PTX of _mma_chunk for ``operand`` ("bf16" or "f16"): 16 pair lookups (codebook_pairs' table) straight into
+    the A registers of four mma.sync.m16n8k16, whose fp32 sum over the chunk comes out in $0-$3.
+    $4, $5: row g's two words; $6, $7: row g + 8's; $8-$15: activation row g's 16 values; $16: the lane's offset."""
+    lines = ["{", ".reg .b32 t, q, a<16>;", ".reg .f32 z;", "mov.u32 t, nf4_pairs;", "mov.f32 z, 0f00000000;"]
+    for step in range(4):
+        # a0 .. a3 of k-step `step`: rows g and g + 8 at byte 2 step, then both at byte 2 step + 1.
+        for slot, (word, byte) in enumerate([(4, 2 * step), (6, 2 * step), (4, 2 * step + 1), (6, 2 * step + 1)]):
+            shift, bits = PAIR_BYTE_SHIFTS[byte % 4]
+            lines += [f"{shift} q, ${word + byte // 4}, {bits};", "and.b32 q, q, 32640;", "or.b32 q, q, $16;",
+                      "add.u32 q, q, t;", f"ld.shared.b32 a{4 * step + slot}, [q];"]
+    for step in range(4):
+        acc = "{z, z, z, z}" if step == 0 else "{$0, $1, $2, $3}"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{operand}.{operand}.f32 {{$0, $1, $2, $3}}, "
+                     f"{{a{4 * step}, a{4 * step + 1}, a{4 * step + 2}, a{4 * step + 3}}}, "
+                     f"{{${8 + 2 * step}, ${9 + 2 * step}}}, {acc};")
+    return "\n\t".join(lines + ["}"])
+
+
+_MMA_CHUNK_PTX_BF16 = tl.constexpr(_mma_chunk_ptx("bf16"))
+_MMA_CHUNK_PTX_F16 = tl.constexpr(_mma_chunk_ptx("f16"))
+
+
+@triton.jit
+def _emulated_mma(c, a, b0, b1, thread, BF16: tl.constexpr):
+    """Interpreter: one mma.sync.m16n8k16 (fp32 += 16-bit A [16, 16] @ B [16, 8]) of every warp, from the lanes'
+    fragments as the PTX ISA lays them out (lane = 4 g + tq: a0 = A[g, 2tq : 2tq + 2], a1 = A[g + 8, 2tq : ..],
+    a2, a3 the same at columns 2tq + 8; b0 = B[2tq : 2tq + 2, g], b1 at rows 2tq + 8; c0, c1 = C[g, 2tq : 2tq + 2],
+    c2, c3 = C[g + 8, ..]), each lane reading the others' registers by gathers."""
+    c0, c1, c2, c3 = c
+    lane = thread % 32
+    warp_lane0 = thread - lane
+    for t in tl.static_range(4):
+        src_a = warp_lane0 + (lane // 4) * 4 + t  # the lanes holding rows g and g + 8
+        src_b = warp_lane0 + (lane % 4) * 8 + t  # the lanes holding column 2tq (column 2tq + 1: 4 lanes on)
+        a0l, a0h = pair_values(tl.gather(a[0], src_a, 0), BF16)
+        a1l, a1h = pair_values(tl.gather(a[1], src_a, 0), BF16)
+        a2l, a2h = pair_values(tl.gather(a[2], src_a, 0), BF16)
+        a3l, a3h = pair_values(tl.gather(a[3], src_a, 0), BF16)
+        for n in tl.static_range(2):
+            b0l, b0h = pair_values(tl.gather(b0, src_b + 4 * n, 0), BF16)
+            b1l, b1h = pair_values(tl.gather(b1, src_b + 4 * n, 0), BF16)
+            upper = a0l * b0l + a0h * b0h + a2l * b1l + a2h * b1h
+            lower = a1l * b0l + a1h * b0h + a3l * b1l + a3h * b1h
+            if n == 0:
+                c0 += upper
+                c2 += lower
+            else:
+                c1 += upper
+                c3 += lower
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _mma_chunk(table, words_g, words_h, xs, thread, BF16: tl.constexpr):
+    """This lane's share of out^T[16 rows, 8 activation rows] over one 64-column chunk: four m16n8k16 mma whose
+    A fragments are the lane's weights decoded by pair lookups (byte 2s of rows g and g + 8, then byte 2s + 1, in
+    k-step s), whose B fragments are its activations (words 2s and 2s + 1) -> (c0, c1, c2, c3)."""
+    if INTERPRET:
+        zeros = tl.zeros(thread.shape, tl.float32)
+        c = (zeros, zeros, zeros, zeros)
+        for step in tl.static_range(4):
+            word = step // 2
+            shift = 16 * (step % 2)
+            a0 = gather_table(table, (words_g[word] >> shift) & 0xFF)
+            a1 = gather_table(table, (words_h[word] >> shift) & 0xFF)
+            a2 = gather_table(table, (words_g[word] >> (shift + 8)) & 0xFF)
+            a3 = gather_table(table, (words_h[word] >> (shift + 8)) & 0xFF)
+            c = _emulated_mma(c, (a0, a1, a2, a3), xs[2 * step], xs[2 * step + 1], thread, BF16)
+        return c
+    elif BF16:
+        return tl.inline_asm_elementwise(
+            _MMA_CHUNK_PTX_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [words_g[0], words_g[1], words_h[0], words_h[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], table],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            _MMA_CHUNK_PTX_F16, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [words_g[0], words_g[1], words_h[0], words_h[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], table],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_words(ptr, COUNT: tl.constexpr):
+    """COUNT (2 or 4) consecutive 32-bit words at ``ptr`` (a thread's own address; 4 * COUNT-byte aligned), in one
+    non-coherent vector load: Triton cannot vectorize addresses that only the lane id orders."""
+    if INTERPRET:
+        words = ()
+        for i in tl.static_range(COUNT):
+            words = words + (tl.load(ptr + i),)
+        return words
+    elif COUNT == 2:
+        return tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
+                                         dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
+                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_mma_chunk(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk,
+                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """Every global load of a chunk of 64 columns (none depending on another): the lane's 8 bytes of rows g and
+    g + 8 (two words each), its 16 activations (8 words) and the two rows' scale parts."""
+    words_g = _load_words(w_g + chunk * 8, 2)
+    words_h = _load_words(w_h + chunk * 8, 2)
+    xs = _load_words(x_row + chunk * 32, 4) + _load_words(x_row + chunk * 32 + 4, 4)
+    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    return words_g, words_h, xs, part_g, nested_g, part_h, nested_h
+
+
+@triton.jit
+def _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last,
+                   QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CHUNKS: tl.constexpr):
+    """_load_mma_chunk of chunks chunk .. chunk + CHUNKS - 1, those past ``last`` reading ``last`` again."""
+    loads = ()
+    for i in tl.static_range(CHUNKS):
+        loads = loads + (_load_mma_chunk(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h,
+                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT),)
+    return loads
+
+
+@triton.jit
+def _nf4_mma_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, pair_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om,
+    packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
+    packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, BF16: tl.constexpr, WEIGHTS: tl.constexpr,
+):
+    # x [M <= 8, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns 16 rows of W, a program
+    # WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g = lane // 4
+    # names its two weight rows (g, g + 8 of the warp's 16) and its activation row (g; rows past M repeat row
+    # M - 1, their outputs not stored), tq = lane % 4 its 16 of each 64 columns. The reduction order within a
+    # chunk of 64 columns is permuted, alike for both operands: lane tq's A and B fragments hold columns
+    # 16 tq .. 16 tq + 15, which are 8 contiguous bytes of each weight row and 32 of activations, decoded straight
+    # into the A registers (no shared-memory round trip, no layout conversion). The block scale multiplies each
+    # chunk's fp32 result (QBLOCK >= 64: a chunk lies in one block).
+    pid_k = tl.program_id(1)
+    tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
+        tl.program_id(0), WARPS * 16, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+        packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+        packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
+    )
+    thread = tl.arange(0, 32 * WARPS)  # one element a thread: Triton's default layout for this shape
+    lane = thread % 32
+    tq = lane % 4
+    row_g = tile * (WARPS * 16) + (thread // 32) * 16 + lane // 4
+    row_h = row_g + 8
+    read_g = tl.minimum(row_g, n_rows - 1)  # rows past W read its last row, never stored
+    read_h = tl.minimum(row_h, n_rows - 1)
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    w_g = words_ptr + read_g.to(tl.int64) * (K // 8) + tq * 2
+    w_h = words_ptr + read_h.to(tl.int64) * (K // 8) + tq * 2
+    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum(lane // 4, M - 1) * (stride_xm // 2) + tq * 8
+    blk_g = read_g * (K // QBLOCK)
+    blk_h = read_h * (K // QBLOCK)
+    chunks = K // 64
+    per_split = tl.cdiv(chunks, SPLIT_K)
+    c_start = pid_k * per_split
+    c_end = tl.minimum(c_start + per_split, chunks)
+    table = codebook_pairs(pair_ptr)
+    acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    acc3 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    # Double buffering in registers, as the gemv's prefetch: the next step's loads (CHUNKS chunks) are issued before
+    # this step's lookups and mma. A step's chunks past the slice re-read its last one and add nothing.
+    last = c_end - 1  # >= 0: every slice ends at a chunk of W, empty ones included
+    loads = _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, c_start, last, QBLOCK, DOUBLE_QUANT,
+                           CHUNKS)
+    for chunk in tl.range(c_start, c_end, CHUNKS, num_stages=1):
+        next_loads = _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk + CHUNKS, last,
+                                    QBLOCK, DOUBLE_QUANT, CHUNKS)
+        for i in tl.static_range(CHUNKS):
+            words_g, words_h, xs, part_g, nested_g, part_h, nested_h = loads[i]
+            c0, c1, c2, c3 = _mma_chunk(table, words_g, words_h, xs, thread, BF16)
+            scale_g = resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+            scale_h = resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+            if i > 0:
+                inside = chunk + i < c_end
+                c0 = tl.where(inside, c0, 0.0)
+                c1 = tl.where(inside, c1, 0.0)
+                c2 = tl.where(inside, c2, 0.0)
+                c3 = tl.where(inside, c3, 0.0)
+            acc0 += c0 * scale_g
+            acc1 += c1 * scale_g
+            acc2 += c2 * scale_h
+            acc3 += c3 * scale_h
+        loads = next_loads
+    if HAS_BIAS:
+        bias_g = tl.where(pid_k == 0, tl.load(bias_ptr + read_g).to(tl.float32), 0.0)
+        bias_h = tl.where(pid_k == 0, tl.load(bias_ptr + read_h).to(tl.float32), 0.0)
+        acc0 += bias_g
+        acc1 += bias_g
+        acc2 += bias_h
+        acc3 += bias_h
+    act = tq * 2  # c0, c2: activation row 2 tq; c1, c3: 2 tq + 1
+    _store_rows(out_ptr, acc0, act, out_row0 + row_g, stride_om, (row_g < n_rows) & (act < M), SPLIT_K)
+    _store_rows(out_ptr, acc1, act + 1, out_row0 + row_g, stride_om, (row_g < n_rows) & (act + 1 < M), SPLIT_K)
+    _store_rows(out_ptr, acc2, act, out_row0 + row_h, stride_om, (row_h < n_rows) & (act < M), SPLIT_K)
+    _store_rows(out_ptr, acc3, act + 1, out_row0 + row_h, stride_om, (row_h < n_rows) & (act + 1 < M), SPLIT_K)
+
+
+@triton.jit
+def _store_rows(out_ptr, value, act_row, out_col, stride_om, mask, SPLIT_K: tl.constexpr):
+    ptrs = out_ptr + act_row * stride_om + out_col
+    if SPLIT_K == 1:
+        tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
+# Warps per program (16 weight rows each; the 32 KB pair table limits an SM to 7 programs), split-K, and chunks of
+# 64 columns a step (2: twice the loads in flight, the addresses' arithmetic shared).
+MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks)
+                    for chunks in (1, 2) for warps in (4, 8) for split_k in (1, 2, 4, 8)]
+
+
+def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
+    """Launch wrapper: x2 [M <= GEMV_MAX_M, K] @ W.T (+ bias) -> [M, N] in x2.dtype (bf16 or fp16) on the tensor
+    cores; kernel_can_serve states what it needs. ``siblings`` as for nf4_gemv."""
+    M = x2.shape[0]
+    assert 1 <= M <= GEMV_MAX_M and len(siblings) <= 2
+    split_k, warps = config["SPLIT_K"], config["num_warps"]
+    row_counts = (N, *(w[4] for w in siblings))
+    out = _output(M, sum(row_counts), x2, split_k)
+    _, dyn, fp16_pairs, bf16_pairs = lookup_tables(x2.device)
+    bf16 = x2.dtype == torch.bfloat16
+    grid = (sum(-(-n // (16 * warps)) for n in row_counts), split_k)
+    _nf4_mma_gemv_kernel[grid](
+        x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), dyn, bf16_pairs if bf16 else fp16_pairs,
+        bias if bias is not None else out, out, M, N, K, x2.stride(0), out.stride(0),
+        *_sibling_args(siblings, packed, absmax, out),
+        QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
+        SPLIT_K=split_k, CHUNKS=config["CHUNKS"], BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -626,7 +874,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
     col_counts = (K,) if x_at_w else (N, *(w[4] for w in siblings))
     split_k = config["SPLIT_K"]
     out = _output(M, sum(col_counts), x2, split_k)
-    code, dyn, pairs = lookup_tables(x2.device)
+    code, dyn, pairs, _ = lookup_tables(x2.device)
     shuffle, _, use_pairs = _lookups(config, x2.dtype)
     tile_w = config["BLOCK_OUT"] if x_at_w else config["BLOCK_RED"]  # columns of W per tile
     sub = min(tile_w, block_size)
@@ -741,6 +989,8 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
         # fp32 activations would run a pairs config by shuffles (_lookups): the shuffle configs are timed instead.
         configs = GEMV_CONFIGS if bucket == 1 else GEMV_ROWS_CONFIGS
         plans += [{"path": "gemv", "config": c} for c in configs if dtype in _TL_DTYPES or c.get("lookup") != "pairs"]
+        if dtype in _TL_DTYPES:
+            plans += [{"path": "mma_gemv", "config": c} for c in MMA_GEMV_CONFIGS]
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
         fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)
@@ -755,6 +1005,8 @@ def run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, 
     """[M, out] = x2 @ W.T or x2 @ W (+ bias) along ``plan``."""
     if plan["path"] == "gemv":
         return nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"])
+    if plan["path"] == "mma_gemv":
+        return nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"])
     if plan["path"] == "mm":
         return nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, plan["config"])
     weight = nf4_dequantize(packed, absmax, nested_absmax, offset, block_size, [N, K], x2.dtype)
@@ -795,16 +1047,20 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # if that plan can serve this M and dtype. An untuned shape (a sibling group's rows together,
     # another model's widths) borrows the plan of the tuned shape with its K, its M bucket and the
     # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
-    # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight.
+    # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight. An mma_gemv
+    # plan serves any M up to GEMV_MAX_M at one cost (an mma computes 8 activation rows whatever M is): its shape's
+    # buckets up to there may borrow it, other widths only at its own bucket.
     x_at_w, N, K, bucket = key
     usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
         if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and b != bucket):
             continue
+        if plan["path"] == "mma_gemv" and (bucket > GEMV_MAX_M or (n != N and b != bucket)):
+            continue
         if n != N:
-            if b == bucket and (plan["path"] == "gemv" or (plan["path"] == "mm" and dtype in _TL_DTYPES)):
+            if b == bucket and (plan["path"] == "gemv" or (plan["path"] in ("mm", "mma_gemv") and dtype in _TL_DTYPES)):
                 of_width.append((abs(math.log(n / N)), n, plan))
-        elif plan["path"] != "mm" or dtype in _TL_DTYPES:
+        elif plan["path"] not in ("mm", "mma_gemv") or dtype in _TL_DTYPES:
             usable.append((abs(b.bit_length() - bucket.bit_length()), -b, plan))
     if usable:
         return min(usable, key=lambda t: t[:2])[2]
@@ -920,6 +1176,11 @@ def kernel_can_serve(plan: dict, x2: torch.Tensor, N: int, K: int, block_size: i
         return False
     if plan["path"] == "gemv":
         return not x_at_w and M <= GEMV_MAX_M and x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if plan["path"] == "mma_gemv":
+        # 64-column chunks within one quantization block; activations read 16 bytes at a time.
+        return (not x_at_w and M <= GEMV_MAX_M and x2.dtype in _TL_DTYPES and block_size % 64 == 0
+                and x2.data_ptr() % 16 == 0 and x2.stride(0) % 8 == 0 and plan["config"]["SPLIT_K"] <= MAX_GRID_YZ
+                and M * max(x2.stride(0), N) <= MAX_INT32_OFFSET)
     out_dim = K if x_at_w else N
     return (
         x2.dtype in _TL_DTYPES
@@ -927,6 +1188,12 @@ def kernel_can_serve(plan: dict, x2: torch.Tensor, N: int, K: int, block_size: i
         and plan["config"]["SPLIT_K"] <= MAX_GRID_YZ
         and M * max(x2.stride(0), out_dim) <= MAX_INT32_OFFSET
     )
+
+
+def _codes_aligned(plan: dict, packed: torch.Tensor) -> bool:
+    # The fused kernels read the codes as 32-bit words, the mma gemv two at a time: codes at an address they
+    # cannot read are dequantized.
+    return packed.data_ptr() % (8 if plan["path"] == "mma_gemv" else 4) == 0
 
 
 def _bias_fits(bias, out_dim: int, x: torch.Tensor) -> bool:
@@ -954,8 +1221,7 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, block_size, out_feature
         packed, absmax = packed.reshape(-1), absmax.reshape(-1)
     args = (x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w)
     plan = plan or plan_for(*args)
-    # The fused kernels read the codes as 32-bit words: codes at an unaligned address are dequantized.
-    if packed.data_ptr() % 4 or not kernel_can_serve(plan, x2, N, K, block_size, x_at_w):
+    if not _codes_aligned(plan, packed) or not kernel_can_serve(plan, x2, N, K, block_size, x_at_w):
         plan = DEQUANT_PLAN
     out = run_plan(plan, *args)
     return out if x.dim() == 2 else out.view(out_shape)
@@ -985,13 +1251,15 @@ def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_f
         first = weights[0]
         if plan["path"] != "dequant" and kernel_can_serve(plan, x2, N, K, block_size, False) and all(
             (n is None) == (first[2] is None) and (b is None) == (first[5] is None)  # one scale format and bias use
-            and p.device == x.device and p.data_ptr() % 4 == 0 and well_formed(p, a, n, o, block_size, rows * K)
+            and p.device == x.device and _codes_aligned(plan, p) and well_formed(p, a, n, o, block_size, rows * K)
             and _bias_fits(b, rows, x)
             for p, a, n, o, rows, b in weights
         ):
             (p0, a0, n0, o0, rows0, b0), *siblings = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
             if plan["path"] == "gemv":
                 out = nf4_gemv(x2, p0, a0, n0, o0, block_size, rows0, K, b0, plan["config"], siblings=siblings)
+            elif plan["path"] == "mma_gemv":
+                out = nf4_mma_gemv(x2, p0, a0, n0, o0, block_size, rows0, K, b0, plan["config"], siblings=siblings)
             else:
                 out = nf4_mm(x2, p0, a0, n0, o0, block_size, rows0, K, b0, False, plan["config"], siblings=siblings)
             return out.view(*x.shape[:-1], N)

@@ -197,6 +197,53 @@ def test_gemv_activations_at_an_unaligned_address():
     assert rel_err(out, x.double() @ w64.T) < 1e-2
 
 
+# The tensor-core gemv: 4 warps (64 weight rows a program), one chunk of 64 columns a step, and split-K's atomics
+# with 3 slices and two chunks a step (slices of one chunk, or empty ones, where K has 2 or 3 chunks: steps past
+# their slice). In the interpreter its mma runs emulated from the lanes' fragments as the PTX ISA
+# lays them out (_emulated_mma), on a GPU as PTX: both check how the kernel fills the fragments.
+MMA_GEMV = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=1, CHUNKS=1)}
+MMA_GEMV_SPLIT = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=3, CHUNKS=2)}
+# Block sizes that are multiples of the kernel's 64-column chunk; rows not multiples of 16 or 64; (64, 128, 64)
+# where the tiles divide W.
+MMA_CASES = [(40, 192, 64, True), (19, 320, 64, False), (72, 256, 128, True), (64, 128, 64, True)]
+
+
+@pytest.mark.parametrize("plan", [MMA_GEMV, MMA_GEMV_SPLIT], ids=["mma-gemv", "mma-gemv-splitk"])
+@pytest.mark.parametrize("N,K,block_size,double_quant", MMA_CASES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_mma_gemv(plan, N, K, block_size, double_quant, M):
+    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
+
+
+def test_mma_gemv_fp16_and_batch_dims():
+    _check_linear(MMA_GEMV_SPLIT, 40, 192, 64, True, None, torch.float16, bias=True, x_shape=(2, 3))
+
+
+@pytest.mark.parametrize(
+    "what", ["block 32", "fp32", "9 rows", "x unaligned", "x row stride", "codes unaligned"],
+)
+def test_mma_gemv_forced_where_it_cannot_read_takes_dequantize(what, monkeypatch):
+    """What the mma gemv cannot read (a 64-column chunk across two blocks, fp32, more rows than an mma's 8,
+    activations not 16-byte aligned, codes not 8-byte aligned): kernel_can_serve or the alignment check turns the
+    forced plan down, and the dequantize path computes the call (the kernel itself would fail)."""
+    N, K, block_size = 40, 192, (32 if what == "block 32" else 64)
+    (packed, absmax, nested, offset), w64 = make_weight(N, K, block_size, True)
+    dtype = torch.float32 if what == "fp32" else torch.bfloat16
+    x = torch.randn(9 if what == "9 rows" else 3, K, device=DEVICE).to(dtype)
+    if what == "x unaligned":
+        x = torch.randn(3 * K + 1, device=DEVICE).to(dtype)[1:].view(3, K)
+    if what == "x row stride":
+        x = torch.randn(3, K + 4, device=DEVICE).to(dtype)[:, :K]
+    if what == "codes unaligned":
+        shifted = torch.empty(packed.numel() + 4, dtype=torch.uint8, device=DEVICE)
+        shifted[4:] = packed
+        packed = shifted[4:]
+        assert packed.data_ptr() % 8 == 4
+    monkeypatch.setattr(triton_linear, "_nf4_mma_gemv_kernel", None)
+    out = triton_linear.nf4_linear(x, packed, absmax, nested, offset, block_size, N, K, plan=MMA_GEMV)
+    assert rel_err(out, x.double() @ w64.T) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 # fp32 within 1e-5 of float64: a pairs plan (fp16 pair table) decodes fp32 activations by shuffles.
 @pytest.mark.parametrize("plan", [GEMV, GEMV_PAIRS], ids=["gemv", "gemv-pairs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -236,6 +283,16 @@ def test_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, doub
     ref = x.double() @ ref_weight.T + ref_bias
     assert out.shape == (M, 1, sum(rows)) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8)], ids=["mma-gemv", "mma-gemv-splitk-8-rows"])
+@pytest.mark.parametrize("rows,K,block_size,double_quant", [GROUP_CASES[0], GROUP_CASES[2]])
+def test_mma_gemv_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, double_quant, monkeypatch):
+    nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, True)
+    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+    monkeypatch.setattr(triton_linear, "nf4_linear", None)  # the one-by-one fallback would fail
+    out = triton_linear.nf4_linear_group(x, *nf4, block_size, list(rows), K, biases, plan=plan)
+    assert out.shape == (M, sum(rows)) and rel_err(out, x.double() @ ref_weight.T + ref_bias) < 1e-2
 
 
 def test_mm_group_of_more_rows_than_a_tile_from_a_strided_input(monkeypatch):
@@ -352,6 +409,7 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     shipped = {
         (False, 11008, 4096, 1): gemv_11008, (False, 14336, 4096, 1): gemv_14336,
         (False, 14336, 4096, 16): MM, (False, 4096, 11008, 1): GEMV, (False, 11008, 4096, 4): GEMV_PAIRS,
+        (False, 11008, 2048, 8): MMA_GEMV,
     }
     monkeypatch.setattr(triton_linear, "_shipped_plans", lambda device: shipped)
     nearest = lambda key, M: triton_linear._nearest_shipped(key, M, torch.bfloat16, torch.device(DEVICE))
@@ -364,6 +422,12 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     # A gemv plan serves its own bucket only (a one-row tile may spill registers with eight rows).
     assert nearest((False, 4096, 11008, 2), 2) is None
     assert nearest((False, 12288, 4096, 4), 4) is GEMV_PAIRS  # tuned for 4 rows of the nearest width
+    # An mma_gemv plan serves any M up to 8 at one cost: lent to its shape's buckets up to 8 (not 16, which it
+    # cannot serve), to other widths at its own bucket only.
+    assert nearest((False, 12288, 2048, 8), 8) is MMA_GEMV
+    assert nearest((False, 11008, 2048, 2), 2) is MMA_GEMV
+    assert nearest((False, 11008, 2048, 16), 16) is None
+    assert nearest((False, 12288, 2048, 4), 4) is None
 
 
 def test_gpu_chip_names_the_shipped_file():
