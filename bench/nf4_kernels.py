@@ -235,7 +235,7 @@ def bench_sibling_groups(groups, ms, tune_group: bool) -> list:
     one nf4compile.linear each, CUDA-graph times over weight copies worth 3x L2. With tune_group, every
     prefetching gemv candidate is timed as that group launch (for M > 1 also the plan the group borrows from
     the nearest tuned width: an mm plan, see _nearest_shipped) and the fastest lands in the exported plans,
-    filed under the group's total rows as the dispatcher looks it up. (Timing one stacked weight of all the rows
+    filed under the group's total rows as the dispatcher looks it up; the mma gemv plans are timed alike. (Timing one stacked weight of all the rows
     instead, as before, chose a q/k/v plan slower as a group than the one it replaced: bench/NOTES.md.)"""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
@@ -251,8 +251,9 @@ def bench_sibling_groups(groups, ms, tune_group: bool) -> list:
 
         timings = []
         if tune_group:
-            # The prefetching gemv plans: every M = 1 winner, shapes and groups, since they exist.
-            candidates = [c for c in triton_linear.candidate_plans(M, False, x.dtype) if c.get("config", {}).get("prefetch")]
+            # The prefetching gemv plans (every M = 1 winner, shapes and groups, since they exist) and the mma gemv's.
+            candidates = [c for c in triton_linear.candidate_plans(M, False, x.dtype)
+                          if c.get("config", {}).get("prefetch") or c["path"] == "mma_gemv"]
             if M > 1:
                 candidates.append(triton_linear.cached_plan(x, sum(sizes), K, BLOCK, False))
             best = triton_linear.fastest_plan(candidates, lambda plan: [group_call(ws, plan) for ws in sets], timings)

@@ -34,7 +34,8 @@ import qlora  # noqa: E402
 
 # Kernel name fragments -> kind, first match wins (Triton kernels are named after their jit functions).
 KINDS = [
-    ("nf4_gemv", "nf4 gemv"), ("nf4_mm", "nf4 fused gemm"), ("nf4_dequantize", "nf4 dequantize"),
+    ("nf4_gemv", "nf4 gemv"), ("nf4_mma_gemv", "nf4 mma gemv"), ("nf4_mm", "nf4 fused gemm"),
+    ("nf4_dequantize", "nf4 dequantize"),
     ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
     ("gemm", "cuBLAS"), ("nvjet", "cuBLAS"), ("cutlass", "cuBLAS"), ("gemv", "cuBLAS"), ("splitkreduce", "cuBLAS"),
     ("triton_", "inductor triton"), ("elementwise", "aten elementwise"), ("reduce", "aten reduction"),

@@ -22,6 +22,7 @@ def test_kernel_kinds():
     kind_of = _profile_steps().kind_of
     assert kind_of("_nf4_gemv_kernel") == "nf4 gemv"
     assert kind_of("_nf4_mm_kernel") == "nf4 fused gemm"
+    assert kind_of("_nf4_mma_gemv_kernel") == "nf4 mma gemv"
     assert kind_of("nvjet_tst_128x64_64x8_1x1_v_bz_coopA_TNT") == "cuBLAS"
     assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor triton"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, ...>") == "aten elementwise"
