@@ -1,0 +1,3 @@
+# Session 15 call A2 (inline, on the machine call A left warm): Llama-2-7B batch 8 end to end, cold caches, with the
+# plans call A merged (the mma gemv at M = 4 and 8 on five shapes; the groups still borrowing).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; mkdir -p $OUT/logs; cp .diag/s15c.sh $OUT/logs/run-call-base.sh; cp /tmp/merged-plans-h100.json ops/tuned_configs_h100.json && echo merged-plans; timeout 215 python3 bench/e2e.py --models llama-2-7b --batches 8 --methods nf4compile,bf16-compiled --gpu-budget-s 205 --out $OUT > $OUT/logs/e2e-b8.log 2>&1; echo rc=$?; grep -E "^\{|target" $OUT/logs/e2e-b8.log | cut -c1-400

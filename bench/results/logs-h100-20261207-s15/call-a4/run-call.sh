@@ -1,0 +1,4 @@
+# Session 15 call A4 (inline, same warm machine, the last 60 s of device time): meant to run batch 8 with the group
+# plans, but it merged a file that did not exist on that machine (/tmp/groups-plans.json: call A3's plans were in its
+# $OUT) and was cut at 57 s before decoding. Kept for the record; no result.
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; mkdir -p $OUT/logs; cp /tmp/merged-plans-h100.json ops/tuned_configs_h100.json; python3 .diag/merge_plans.py /tmp/groups-plans.json 2>/dev/null; ls /tmp/*.json | head; timeout 58 python3 bench/e2e.py --models llama-2-7b --batches 8 --methods nf4compile --gpu-budget-s 55 --out $OUT > $OUT/logs/e2e-b8-groups.log 2>&1; echo rc=$?; grep -E "^\{" $OUT/logs/e2e-b8-groups.log | cut -c1-300; tail -3 $OUT/logs/e2e-b8-groups.log | cut -c1-300
