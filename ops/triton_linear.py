@@ -9,11 +9,11 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            registers before this step decodes, and load the scale parts in fewer sectors ("scales":
            "rows"). Bound by the L1's data pipe (a lookup per code, the scale parts), not yet by HBM:
            ncu, bench/NOTES.md.
-  mma_gemv x @ W.T for up to 8 rows on the tensor cores by mma.sync (PTX), where a tuned plan chose it: each
-           thread is one lane of an m16n8k16 mma (16 weight rows by 8 activation rows), decodes its A fragment
-           straight into registers by pair lookups and loads x as its B fragment, so a weight costs ~3.4
-           instructions for all 8 rows (offline sm_90) against the gemv's ~5 for one; no shared-memory round
-           trip of the decoded tile, unlike mm.
+  mma_gemv x @ W.T for up to 16 rows on the tensor cores by mma.sync (PTX), where a tuned plan chose it: each
+           thread is one lane of an m16n8k16 mma (16 weight rows by 8 activation rows; a second mma on the same
+           registers for rows 9-16), decodes its A fragment straight into registers by pair lookups and loads x
+           as its B fragment, so a weight costs ~3.4 instructions for all 8 rows (offline sm_90) against the
+           gemv's ~5 for one; no shared-memory round trip of the decoded tile, unlike mm.
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
@@ -77,6 +77,8 @@ def tuned_configs(chip: str) -> Path:
 # ~7.3 for two, ~11.4 for four, ~20 for eight). mm beats dequantize + cuBLAS up to M = 64 (M = 256 on some
 # shapes). Used where no tuned plan covers the shape.
 GEMV_MAX_M = 8
+# The mma gemv computes 8 activation rows per mma (one tile), 16 with two tiles on the same decoded weights.
+MMA_GEMV_MAX_M = 16
 MM_MAX_M = 256
 # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1), and the largest element offset the
 # kernels compute in int32 (activation and output rows; weight offsets are int64).
@@ -490,27 +492,38 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
 # mma gemv ---------------------------------------------------------------------------------------
 
 
-def _mma_chunk_ptx(operand: str) -> str:
-    """PTX of _mma_chunk for ``operand`` ("bf16" or "f16"): 16 pair lookups (codebook_pairs' table) straight into
-    the A registers of four mma.sync.m16n8k16, whose fp32 sum over the chunk comes out in $0-$3.
-    $4, $5: row g's two words; $6, $7: row g + 8's; $8-$15: activation row g's 16 values; $16: the lane's offset."""
+def _mma_chunk_ptx(operand: str, tiles: int) -> str:
+    """PTX of _mma_chunk for ``operand`` ("bf16" or "f16") and 1 or 2 ``tiles`` of 8 activation rows: 16 pair lookups
+    (codebook_pairs' table) straight into the A registers of four mma.sync.m16n8k16 a tile, whose fp32 sums over the
+    chunk come out in the first 4 * tiles operands. Then: rows g's two words, row g + 8's two, each tile's activation
+    row (g, then g + 8) as 8 words, the lane's offset into the table."""
+    words, xs = 4 * tiles, 4 * tiles + 4
+    lane = xs + 8 * tiles
     lines = ["{", ".reg .b32 t, q, a<16>;", ".reg .f32 z;", "mov.u32 t, nf4_pairs;", "mov.f32 z, 0f00000000;"]
     for step in range(4):
         # a0 .. a3 of k-step `step`: rows g and g + 8 at byte 2 step, then both at byte 2 step + 1.
-        for slot, (word, byte) in enumerate([(4, 2 * step), (6, 2 * step), (4, 2 * step + 1), (6, 2 * step + 1)]):
+        for slot, (word, byte) in enumerate([(words, 2 * step), (words + 2, 2 * step), (words, 2 * step + 1),
+                                             (words + 2, 2 * step + 1)]):
             shift, bits = PAIR_BYTE_SHIFTS[byte % 4]
-            lines += [f"{shift} q, ${word + byte // 4}, {bits};", "and.b32 q, q, 32640;", "or.b32 q, q, $16;",
+            lines += [f"{shift} q, ${word + byte // 4}, {bits};", "and.b32 q, q, 32640;", f"or.b32 q, q, ${lane};",
                       "add.u32 q, q, t;", f"ld.shared.b32 a{4 * step + slot}, [q];"]
-    for step in range(4):
-        acc = "{z, z, z, z}" if step == 0 else "{$0, $1, $2, $3}"
-        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{operand}.{operand}.f32 {{$0, $1, $2, $3}}, "
-                     f"{{a{4 * step}, a{4 * step + 1}, a{4 * step + 2}, a{4 * step + 3}}}, "
-                     f"{{${8 + 2 * step}, ${9 + 2 * step}}}, {acc};")
+    for tile in range(tiles):
+        out = ", ".join(f"${4 * tile + i}" for i in range(4))
+        for step in range(4):
+            acc = "{z, z, z, z}" if step == 0 else f"{{{out}}}"
+            b = xs + 8 * tile + 2 * step
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{operand}.{operand}.f32 {{{out}}}, "
+                         f"{{a{4 * step}, a{4 * step + 1}, a{4 * step + 2}, a{4 * step + 3}}}, {{${b}, ${b + 1}}}, {acc};")
     return "\n\t".join(lines + ["}"])
 
 
-_MMA_CHUNK_PTX_BF16 = tl.constexpr(_mma_chunk_ptx("bf16"))
-_MMA_CHUNK_PTX_F16 = tl.constexpr(_mma_chunk_ptx("f16"))
+_MMA_CHUNK_PTX_BF16 = tl.constexpr(_mma_chunk_ptx("bf16", 1))
+_MMA_CHUNK_PTX_F16 = tl.constexpr(_mma_chunk_ptx("f16", 1))
+_MMA_CHUNK_PTX_BF16_2 = tl.constexpr(_mma_chunk_ptx("bf16", 2))
+_MMA_CHUNK_PTX_F16_2 = tl.constexpr(_mma_chunk_ptx("f16", 2))
+# Its operands' constraints: 4 fp32 results a tile, then 32-bit words (4 of weights, 8 a tile, the lane's offset).
+_MMA_CHUNK_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 13))
+_MMA_CHUNK_CONSTRAINTS_2 = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 21))
 
 
 @triton.jit
@@ -544,32 +557,37 @@ def _emulated_mma(c, a, b0, b1, thread, BF16: tl.constexpr):
 
 
 @triton.jit
-def _mma_chunk(table, words_g, words_h, xs, thread, BF16: tl.constexpr):
-    """This lane's share of out^T[16 rows, 8 activation rows] over one 64-column chunk: four m16n8k16 mma whose
-    A fragments are the lane's weights decoded by pair lookups (byte 2s of rows g and g + 8, then byte 2s + 1, in
-    k-step s), whose B fragments are its activations (words 2s and 2s + 1) -> (c0, c1, c2, c3)."""
+def _mma_chunk(table, words_g, words_h, xs, thread, BF16: tl.constexpr, ROW_TILES: tl.constexpr):
+    """This lane's share of out^T[16 rows, 8 activation rows] (of each of ROW_TILES tiles of 8) over one 64-column
+    chunk: four m16n8k16 mma a tile whose A fragments are the lane's weights decoded by pair lookups (byte 2s of
+    rows g and g + 8, then byte 2s + 1, in k-step s), whose B fragments are its activations (words 2s and 2s + 1 of
+    each tile's 8 in ``xs``) -> 4 * ROW_TILES values (c0, c1, c2, c3 of each tile)."""
     if INTERPRET:
         zeros = tl.zeros(thread.shape, tl.float32)
-        c = (zeros, zeros, zeros, zeros)
-        for step in tl.static_range(4):
-            word = step // 2
-            shift = 16 * (step % 2)
-            a0 = gather_table(table, (words_g[word] >> shift) & 0xFF)
-            a1 = gather_table(table, (words_h[word] >> shift) & 0xFF)
-            a2 = gather_table(table, (words_g[word] >> (shift + 8)) & 0xFF)
-            a3 = gather_table(table, (words_h[word] >> (shift + 8)) & 0xFF)
-            c = _emulated_mma(c, (a0, a1, a2, a3), xs[2 * step], xs[2 * step + 1], thread, BF16)
-        return c
-    elif BF16:
+        out = ()
+        for tile in tl.static_range(ROW_TILES):
+            c = (zeros, zeros, zeros, zeros)
+            for step in tl.static_range(4):
+                word = step // 2
+                shift = 16 * (step % 2)
+                a0 = gather_table(table, (words_g[word] >> shift) & 0xFF)
+                a1 = gather_table(table, (words_h[word] >> shift) & 0xFF)
+                a2 = gather_table(table, (words_g[word] >> (shift + 8)) & 0xFF)
+                a3 = gather_table(table, (words_h[word] >> (shift + 8)) & 0xFF)
+                c = _emulated_mma(c, (a0, a1, a2, a3), xs[8 * tile + 2 * step], xs[8 * tile + 2 * step + 1], thread, BF16)
+            out = out + c
+        return out
+    elif ROW_TILES == 1:
         return tl.inline_asm_elementwise(
-            _MMA_CHUNK_PTX_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            _MMA_CHUNK_PTX_BF16 if BF16 else _MMA_CHUNK_PTX_F16, _MMA_CHUNK_CONSTRAINTS,
             [words_g[0], words_g[1], words_h[0], words_h[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], table],
             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     else:
         return tl.inline_asm_elementwise(
-            _MMA_CHUNK_PTX_F16, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [words_g[0], words_g[1], words_h[0], words_h[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], table],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+            _MMA_CHUNK_PTX_BF16_2 if BF16 else _MMA_CHUNK_PTX_F16_2, _MMA_CHUNK_CONSTRAINTS_2,
+            [words_g[0], words_g[1], words_h[0], words_h[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7],
+             xs[8], xs[9], xs[10], xs[11], xs[12], xs[13], xs[14], xs[15], table],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -590,26 +608,29 @@ def _load_words(ptr, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _load_mma_chunk(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk,
-                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+def _load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk,
+                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr):
     """Every global load of a chunk of 64 columns (none depending on another): the lane's 8 bytes of rows g and
-    g + 8 (two words each), its 16 activations (8 words) and the two rows' scale parts."""
+    g + 8 (two words each), its 16 activations of each tile (8 words, from x_row and x_row2) and the two rows'
+    scale parts."""
     words_g = _load_words(w_g + chunk * 8, 2)
     words_h = _load_words(w_h + chunk * 8, 2)
     xs = _load_words(x_row + chunk * 32, 4) + _load_words(x_row + chunk * 32 + 4, 4)
+    if ROW_TILES == 2:
+        xs = xs + _load_words(x_row2 + chunk * 32, 4) + _load_words(x_row2 + chunk * 32 + 4, 4)
     part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
     part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
     return words_g, words_h, xs, part_g, nested_g, part_h, nested_h
 
 
 @triton.jit
-def _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last,
-                   QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CHUNKS: tl.constexpr):
+def _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last,
+                   QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, CHUNKS: tl.constexpr):
     """_load_mma_chunk of chunks chunk .. chunk + CHUNKS - 1, those past ``last`` reading ``last`` again."""
     loads = ()
     for i in tl.static_range(CHUNKS):
-        loads = loads + (_load_mma_chunk(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h,
-                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT),)
+        loads = loads + (_load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h,
+                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT, ROW_TILES),)
     return loads
 
 
@@ -620,12 +641,13 @@ def _nf4_mma_gemv_kernel(
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, BF16: tl.constexpr, WEIGHTS: tl.constexpr,
+    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, ROW_TILES: tl.constexpr, BF16: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
-    # x [M <= 8, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns 16 rows of W, a program
-    # WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g = lane // 4
-    # names its two weight rows (g, g + 8 of the warp's 16) and its activation row (g; rows past M repeat row
-    # M - 1, their outputs not stored), tq = lane % 4 its 16 of each 64 columns. The reduction order within a
+    # x [M <= 8 * ROW_TILES, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns 16 rows of W, a
+    # program WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g =
+    # lane // 4 names its two weight rows (g, g + 8 of the warp's 16) and its activation row in each tile of 8 (g,
+    # then 8 + g; rows past M repeat row M - 1, their outputs not stored), tq = lane % 4 its 16 of each 64 columns.
+    # Both tiles' mma take the same A fragments: a second tile costs its activations' loads and four mma a chunk. The reduction order within a
     # chunk of 64 columns is permuted, alike for both operands: lane tq's A and B fragments hold columns
     # 16 tq .. 16 tq + 15, which are 8 contiguous bytes of each weight row and 32 of activations, decoded straight
     # into the A registers (no shared-memory round trip, no layout conversion). The block scale multiplies each
@@ -646,7 +668,9 @@ def _nf4_mma_gemv_kernel(
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     w_g = words_ptr + read_g.to(tl.int64) * (K // 8) + tq * 2
     w_h = words_ptr + read_h.to(tl.int64) * (K // 8) + tq * 2
-    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum(lane // 4, M - 1) * (stride_xm // 2) + tq * 8
+    x_words = x_ptr.to(tl.pointer_type(tl.int32))
+    x_row = x_words + tl.minimum(lane // 4, M - 1) * (stride_xm // 2) + tq * 8
+    x_row2 = x_words + tl.minimum(lane // 4 + 8, M - 1) * (stride_xm // 2) + tq * 8
     blk_g = read_g * (K // QBLOCK)
     blk_h = read_h * (K // QBLOCK)
     chunks = K // 64
@@ -654,46 +678,41 @@ def _nf4_mma_gemv_kernel(
     c_start = pid_k * per_split
     c_end = tl.minimum(c_start + per_split, chunks)
     table = codebook_pairs(pair_ptr)
-    acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
-    acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
-    acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
-    acc3 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    # Per tile, the lane's four outputs: (row g, activation 2 tq), (g, 2 tq + 1), (g + 8, 2 tq), (g + 8, 2 tq + 1).
+    accs = ()
+    for i in tl.static_range(4 * ROW_TILES):
+        accs = accs + (tl.zeros([32 * WARPS], dtype=tl.float32),)
     # Double buffering in registers, as the gemv's prefetch: the next step's loads (CHUNKS chunks) are issued before
     # this step's lookups and mma. A step's chunks past the slice re-read its last one and add nothing.
     last = c_end - 1  # >= 0: every slice ends at a chunk of W, empty ones included
-    loads = _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, c_start, last, QBLOCK, DOUBLE_QUANT,
-                           CHUNKS)
+    loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, c_start, last, QBLOCK,
+                           DOUBLE_QUANT, ROW_TILES, CHUNKS)
     for chunk in tl.range(c_start, c_end, CHUNKS, num_stages=1):
-        next_loads = _load_mma_step(w_g, w_h, x_row, absmax_ptr, nested_ptr, blk_g, blk_h, chunk + CHUNKS, last,
-                                    QBLOCK, DOUBLE_QUANT, CHUNKS)
+        next_loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk + CHUNKS,
+                                    last, QBLOCK, DOUBLE_QUANT, ROW_TILES, CHUNKS)
         for i in tl.static_range(CHUNKS):
             words_g, words_h, xs, part_g, nested_g, part_h, nested_h = loads[i]
-            c0, c1, c2, c3 = _mma_chunk(table, words_g, words_h, xs, thread, BF16)
+            cs = _mma_chunk(table, words_g, words_h, xs, thread, BF16, ROW_TILES)
             scale_g = resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT)
             scale_h = resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-            if i > 0:
-                inside = chunk + i < c_end
-                c0 = tl.where(inside, c0, 0.0)
-                c1 = tl.where(inside, c1, 0.0)
-                c2 = tl.where(inside, c2, 0.0)
-                c3 = tl.where(inside, c3, 0.0)
-            acc0 += c0 * scale_g
-            acc1 += c1 * scale_g
-            acc2 += c2 * scale_h
-            acc3 += c3 * scale_h
+            new_accs = ()
+            for j in tl.static_range(4 * ROW_TILES):
+                c = cs[j]
+                if i > 0:
+                    c = tl.where(chunk + i < c_end, c, 0.0)
+                new_accs = new_accs + (accs[j] + c * (scale_g if j % 4 < 2 else scale_h),)
+            accs = new_accs
         loads = next_loads
     if HAS_BIAS:
         bias_g = tl.where(pid_k == 0, tl.load(bias_ptr + read_g).to(tl.float32), 0.0)
         bias_h = tl.where(pid_k == 0, tl.load(bias_ptr + read_h).to(tl.float32), 0.0)
-        acc0 += bias_g
-        acc1 += bias_g
-        acc2 += bias_h
-        acc3 += bias_h
-    act = tq * 2  # c0, c2: activation row 2 tq; c1, c3: 2 tq + 1
-    _store_rows(out_ptr, acc0, act, out_row0 + row_g, stride_om, (row_g < n_rows) & (act < M), SPLIT_K)
-    _store_rows(out_ptr, acc1, act + 1, out_row0 + row_g, stride_om, (row_g < n_rows) & (act + 1 < M), SPLIT_K)
-    _store_rows(out_ptr, acc2, act, out_row0 + row_h, stride_om, (row_h < n_rows) & (act < M), SPLIT_K)
-    _store_rows(out_ptr, acc3, act + 1, out_row0 + row_h, stride_om, (row_h < n_rows) & (act + 1 < M), SPLIT_K)
+    for j in tl.static_range(4 * ROW_TILES):
+        row = row_g if j % 4 < 2 else row_h
+        act = 8 * (j // 4) + tq * 2 + j % 2
+        value = accs[j]
+        if HAS_BIAS:
+            value += bias_g if j % 4 < 2 else bias_h
+        _store_rows(out_ptr, value, act, out_row0 + row, stride_om, (row < n_rows) & (act < M), SPLIT_K)
 
 
 @triton.jit
@@ -712,10 +731,10 @@ MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks)
 
 
 def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
-    """Launch wrapper: x2 [M <= GEMV_MAX_M, K] @ W.T (+ bias) -> [M, N] in x2.dtype (bf16 or fp16) on the tensor
+    """Launch wrapper: x2 [M <= MMA_GEMV_MAX_M, K] @ W.T (+ bias) -> [M, N] in x2.dtype (bf16 or fp16) on the tensor
     cores; kernel_can_serve states what it needs. ``siblings`` as for nf4_gemv."""
     M = x2.shape[0]
-    assert 1 <= M <= GEMV_MAX_M and len(siblings) <= 2
+    assert 1 <= M <= MMA_GEMV_MAX_M and len(siblings) <= 2
     split_k, warps = config["SPLIT_K"], config["num_warps"]
     row_counts = (N, *(w[4] for w in siblings))
     out = _output(M, sum(row_counts), x2, split_k)
@@ -727,7 +746,8 @@ def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bi
         bias if bias is not None else out, out, M, N, K, x2.stride(0), out.stride(0),
         *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
-        SPLIT_K=split_k, CHUNKS=config["CHUNKS"], BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
+        SPLIT_K=split_k, CHUNKS=config["CHUNKS"], ROW_TILES=1 if M <= 8 else 2, BF16=bf16, WEIGHTS=1 + len(siblings),
+        num_warps=warps, num_stages=1,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -989,8 +1009,8 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
         # fp32 activations would run a pairs config by shuffles (_lookups): the shuffle configs are timed instead.
         configs = GEMV_CONFIGS if bucket == 1 else GEMV_ROWS_CONFIGS
         plans += [{"path": "gemv", "config": c} for c in configs if dtype in _TL_DTYPES or c.get("lookup") != "pairs"]
-        if dtype in _TL_DTYPES:
-            plans += [{"path": "mma_gemv", "config": c} for c in MMA_GEMV_CONFIGS]
+    if not x_at_w and bucket <= MMA_GEMV_MAX_M and dtype in _TL_DTYPES:
+        plans += [{"path": "mma_gemv", "config": c} for c in MMA_GEMV_CONFIGS]
     if dtype in _TL_DTYPES:
         # Tiles no taller than the bucket (16 at least), and none far shorter where M is large.
         fits = lambda c: c["BLOCK_M"] <= max(bucket, 16) and c["BLOCK_M"] * 4 >= min(bucket, 512)
@@ -1048,14 +1068,14 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # another model's widths) borrows the plan of the tuned shape with its K, its M bucket and the
     # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
     # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight. An mma_gemv
-    # plan serves any M up to GEMV_MAX_M at one cost (an mma computes 8 activation rows whatever M is): its shape's
-    # buckets up to there may borrow it, other widths only at its own bucket.
+    # plan serves any M up to MMA_GEMV_MAX_M (an mma computes 8 activation rows whatever M is, two mma 16): its
+    # shape's buckets up to there may borrow it, other widths only at its own bucket.
     x_at_w, N, K, bucket = key
     usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
         if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and b != bucket):
             continue
-        if plan["path"] == "mma_gemv" and (bucket > GEMV_MAX_M or (n != N and b != bucket)):
+        if plan["path"] == "mma_gemv" and (bucket > MMA_GEMV_MAX_M or (n != N and b != bucket)):
             continue
         if n != N:
             if b == bucket and (plan["path"] == "gemv" or (plan["path"] in ("mm", "mma_gemv") and dtype in _TL_DTYPES)):
@@ -1178,7 +1198,7 @@ def kernel_can_serve(plan: dict, x2: torch.Tensor, N: int, K: int, block_size: i
         return not x_at_w and M <= GEMV_MAX_M and x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if plan["path"] == "mma_gemv":
         # 64-column chunks within one quantization block; activations read 16 bytes at a time.
-        return (not x_at_w and M <= GEMV_MAX_M and x2.dtype in _TL_DTYPES and block_size % 64 == 0
+        return (not x_at_w and M <= MMA_GEMV_MAX_M and x2.dtype in _TL_DTYPES and block_size % 64 == 0
                 and x2.data_ptr() % 16 == 0 and x2.stride(0) % 8 == 0 and plan["config"]["SPLIT_K"] <= MAX_GRID_YZ
                 and M * max(x2.stride(0), N) <= MAX_INT32_OFFSET)
     out_dim = K if x_at_w else N

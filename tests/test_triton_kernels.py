@@ -210,7 +210,7 @@ MMA_CASES = [(40, 192, 64, True), (19, 320, 64, False), (72, 256, 128, True), (6
 
 @pytest.mark.parametrize("plan", [MMA_GEMV, MMA_GEMV_SPLIT], ids=["mma-gemv", "mma-gemv-splitk"])
 @pytest.mark.parametrize("N,K,block_size,double_quant", MMA_CASES)
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 13, 16])  # 13 and 16: a second tile of 8 activation rows
 def test_mma_gemv(plan, N, K, block_size, double_quant, M):
     _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
 
@@ -220,16 +220,16 @@ def test_mma_gemv_fp16_and_batch_dims():
 
 
 @pytest.mark.parametrize(
-    "what", ["block 32", "fp32", "9 rows", "x unaligned", "x row stride", "codes unaligned"],
+    "what", ["block 32", "fp32", "17 rows", "x unaligned", "x row stride", "codes unaligned"],
 )
 def test_mma_gemv_forced_where_it_cannot_read_takes_dequantize(what, monkeypatch):
-    """What the mma gemv cannot read (a 64-column chunk across two blocks, fp32, more rows than an mma's 8,
+    """What the mma gemv cannot read (a 64-column chunk across two blocks, fp32, more rows than two mma tiles,
     activations not 16-byte aligned, codes not 8-byte aligned): kernel_can_serve or the alignment check turns the
     forced plan down, and the dequantize path computes the call (the kernel itself would fail)."""
     N, K, block_size = 40, 192, (32 if what == "block 32" else 64)
     (packed, absmax, nested, offset), w64 = make_weight(N, K, block_size, True)
     dtype = torch.float32 if what == "fp32" else torch.bfloat16
-    x = torch.randn(9 if what == "9 rows" else 3, K, device=DEVICE).to(dtype)
+    x = torch.randn(17 if what == "17 rows" else 3, K, device=DEVICE).to(dtype)
     if what == "x unaligned":
         x = torch.randn(3 * K + 1, device=DEVICE).to(dtype)[1:].view(3, K)
     if what == "x row stride":
@@ -285,7 +285,8 @@ def test_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, doub
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8)], ids=["mma-gemv", "mma-gemv-splitk-8-rows"])
+@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8), (MMA_GEMV, 11)],
+                         ids=["mma-gemv", "mma-gemv-splitk-8-rows", "mma-gemv-11-rows"])
 @pytest.mark.parametrize("rows,K,block_size,double_quant", [GROUP_CASES[0], GROUP_CASES[2]])
 def test_mma_gemv_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, double_quant, monkeypatch):
     nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, True)
@@ -422,11 +423,12 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     # A gemv plan serves its own bucket only (a one-row tile may spill registers with eight rows).
     assert nearest((False, 4096, 11008, 2), 2) is None
     assert nearest((False, 12288, 4096, 4), 4) is GEMV_PAIRS  # tuned for 4 rows of the nearest width
-    # An mma_gemv plan serves any M up to 8 at one cost: lent to its shape's buckets up to 8 (not 16, which it
-    # cannot serve), to other widths at its own bucket only.
+    # An mma_gemv plan serves any M up to 16: lent to its shape's buckets up to 16 (not 32, which it cannot serve),
+    # to other widths at its own bucket only.
     assert nearest((False, 12288, 2048, 8), 8) is MMA_GEMV
     assert nearest((False, 11008, 2048, 2), 2) is MMA_GEMV
-    assert nearest((False, 11008, 2048, 16), 16) is None
+    assert nearest((False, 11008, 2048, 16), 16) is MMA_GEMV
+    assert nearest((False, 11008, 2048, 32), 32) is None
     assert nearest((False, 12288, 2048, 4), 4) is None
 
 
