@@ -1068,14 +1068,15 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # another model's widths) borrows the plan of the tuned shape with its K, its M bucket and the
     # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
     # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight. An mma_gemv
-    # plan serves any M up to MMA_GEMV_MAX_M (an mma computes 8 activation rows whatever M is, two mma 16): its
-    # shape's buckets up to there may borrow it, other widths only at its own bucket.
+    # plan serves any M up to 8 at one cost (an mma computes 8 activation rows whatever M is): its shape's buckets up
+    # to 8 may borrow it, other widths only at its own bucket. (Buckets 9-16 take its second tile of rows, which no
+    # GPU has run yet: only a plan tuned at 16.)
     x_at_w, N, K, bucket = key
     usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
         if (xw, k) != (x_at_w, K) or (plan["path"] == "gemv" and b != bucket):
             continue
-        if plan["path"] == "mma_gemv" and (bucket > MMA_GEMV_MAX_M or (n != N and b != bucket)):
+        if plan["path"] == "mma_gemv" and b != bucket and (n != N or bucket > GEMV_MAX_M):
             continue
         if n != N:
             if b == bucket and (plan["path"] == "gemv" or (plan["path"] in ("mm", "mma_gemv") and dtype in _TL_DTYPES)):

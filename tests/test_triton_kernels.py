@@ -423,12 +423,11 @@ def test_untuned_shapes_borrow_the_plan_of_the_nearest_width_at_their_bucket(mon
     # A gemv plan serves its own bucket only (a one-row tile may spill registers with eight rows).
     assert nearest((False, 4096, 11008, 2), 2) is None
     assert nearest((False, 12288, 4096, 4), 4) is GEMV_PAIRS  # tuned for 4 rows of the nearest width
-    # An mma_gemv plan serves any M up to 16: lent to its shape's buckets up to 16 (not 32, which it cannot serve),
-    # to other widths at its own bucket only.
+    # An mma_gemv plan serves any M up to 8 at one cost: lent to its shape's buckets up to 8 (not to 16, its second
+    # tile of rows, which takes a plan tuned there), to other widths at its own bucket only.
     assert nearest((False, 12288, 2048, 8), 8) is MMA_GEMV
     assert nearest((False, 11008, 2048, 2), 2) is MMA_GEMV
-    assert nearest((False, 11008, 2048, 16), 16) is MMA_GEMV
-    assert nearest((False, 11008, 2048, 32), 32) is None
+    assert nearest((False, 11008, 2048, 16), 16) is None
     assert nearest((False, 12288, 2048, 4), 4) is None
 
 
