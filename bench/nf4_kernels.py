@@ -233,10 +233,11 @@ SIBLING_GROUPS = [((4096, 4096, 4096), 4096), ((11008, 11008), 4096), ((4096, 10
 def bench_sibling_groups(groups, ms, tune_group: bool) -> list:
     """M rows of activations (each of ``ms``): one nf4compile.linear_group launch over sibling weights against
     one nf4compile.linear each, CUDA-graph times over weight copies worth 3x L2. With tune_group, every
-    prefetching gemv candidate is timed as that group launch (for M > 1 also the plan the group borrows from
-    the nearest tuned width: an mm plan, see _nearest_shipped) and the fastest lands in the exported plans,
-    filed under the group's total rows as the dispatcher looks it up; the mma gemv plans are timed alike. (Timing one stacked weight of all the rows
-    instead, as before, chose a q/k/v plan slower as a group than the one it replaced: bench/NOTES.md.)"""
+    prefetching gemv candidate and every mma gemv candidate is timed as that group launch (for M > 1 also the
+    plan the group borrows from the nearest tuned width, see _nearest_shipped) and the fastest lands in the
+    exported plans, filed under the group's total rows as the dispatcher looks it up. (Timing one stacked weight
+    of all the rows instead, as before, chose a q/k/v plan slower as a group than the one it replaced:
+    bench/NOTES.md.)"""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for (sizes, K), M in itertools.product(groups, ms):

@@ -267,6 +267,16 @@ def _load_x_rows(x_ptr, x_col, mask, M, stride_xm, ROWS: tl.constexpr, EVEN: tl.
 
 
 @triton.jit
+def _write_out(ptrs, value, mask, SPLIT_K: tl.constexpr):
+    """A kernel's fp32 result into the output at ``ptrs``: stored in the output's dtype, or with split-K added
+    (relaxed atomics) into the zeroed fp32 buffer that _output gives it."""
+    if SPLIT_K == 1:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _sibling_weight(
     tile, BLOCK: tl.constexpr, N, N1, N2, WEIGHTS: tl.constexpr,
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
@@ -376,12 +386,8 @@ def _nf4_gemv_kernel(
         out = tl.sum(tl.sum(accs[r], axis=2), axis=1)
         if HAS_BIAS:
             out += bias
-        out_ptrs = out_ptr + r * stride_om + out_row0 + rows
         out_mask = row_mask if r == 0 else row_mask & (rows * 0 + r < M)  # M >= 1
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.atomic_add(out_ptrs, out, mask=out_mask, sem="relaxed")
+        _write_out(out_ptr + r * stride_om + out_row0 + rows, out, out_mask, SPLIT_K)
 
 
 # BLOCK_N rows x BLOCK_K columns per step. Triton lays a [BLOCK_N, BLOCK_K / 8] tile of words out as
@@ -563,18 +569,20 @@ def _mma_chunk(table, words_g, words_h, xs, thread, BF16: tl.constexpr, ROW_TILE
     rows g and g + 8, then byte 2s + 1, in k-step s), whose B fragments are its activations (words 2s and 2s + 1 of
     each tile's 8 in ``xs``) -> 4 * ROW_TILES values (c0, c1, c2, c3 of each tile)."""
     if INTERPRET:
+        a = ()  # the four k-steps' A fragments, decoded once for every tile as the PTX does
+        for step in tl.static_range(4):
+            word = step // 2
+            shift = 16 * (step % 2)
+            a = a + ((gather_table(table, (words_g[word] >> shift) & 0xFF),
+                      gather_table(table, (words_h[word] >> shift) & 0xFF),
+                      gather_table(table, (words_g[word] >> (shift + 8)) & 0xFF),
+                      gather_table(table, (words_h[word] >> (shift + 8)) & 0xFF)),)
         zeros = tl.zeros(thread.shape, tl.float32)
         out = ()
         for tile in tl.static_range(ROW_TILES):
             c = (zeros, zeros, zeros, zeros)
             for step in tl.static_range(4):
-                word = step // 2
-                shift = 16 * (step % 2)
-                a0 = gather_table(table, (words_g[word] >> shift) & 0xFF)
-                a1 = gather_table(table, (words_h[word] >> shift) & 0xFF)
-                a2 = gather_table(table, (words_g[word] >> (shift + 8)) & 0xFF)
-                a3 = gather_table(table, (words_h[word] >> (shift + 8)) & 0xFF)
-                c = _emulated_mma(c, (a0, a1, a2, a3), xs[8 * tile + 2 * step], xs[8 * tile + 2 * step + 1], thread, BF16)
+                c = _emulated_mma(c, a[step], xs[8 * tile + 2 * step], xs[8 * tile + 2 * step + 1], thread, BF16)
             out = out + c
         return out
     elif ROW_TILES == 1:
@@ -647,11 +655,11 @@ def _nf4_mma_gemv_kernel(
     # program WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g =
     # lane // 4 names its two weight rows (g, g + 8 of the warp's 16) and its activation row in each tile of 8 (g,
     # then 8 + g; rows past M repeat row M - 1, their outputs not stored), tq = lane % 4 its 16 of each 64 columns.
-    # Both tiles' mma take the same A fragments: a second tile costs its activations' loads and four mma a chunk. The reduction order within a
-    # chunk of 64 columns is permuted, alike for both operands: lane tq's A and B fragments hold columns
-    # 16 tq .. 16 tq + 15, which are 8 contiguous bytes of each weight row and 32 of activations, decoded straight
-    # into the A registers (no shared-memory round trip, no layout conversion). The block scale multiplies each
-    # chunk's fp32 result (QBLOCK >= 64: a chunk lies in one block).
+    # Both tiles' mma take the same A fragments: a second tile costs its activations' loads and four mma a chunk.
+    # The reduction order within a chunk of 64 columns is permuted, alike for both operands: lane tq's A and B
+    # fragments hold columns 16 tq .. 16 tq + 15, which are 8 contiguous bytes of each weight row and 32 of
+    # activations, decoded straight into the A registers (no shared-memory round trip, no layout conversion). The
+    # block scale multiplies each chunk's fp32 result (QBLOCK >= 64: a chunk lies in one block).
     pid_k = tl.program_id(1)
     tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
         tl.program_id(0), WARPS * 16, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
@@ -712,16 +720,7 @@ def _nf4_mma_gemv_kernel(
         value = accs[j]
         if HAS_BIAS:
             value += bias_g if j % 4 < 2 else bias_h
-        _store_rows(out_ptr, value, act, out_row0 + row, stride_om, (row < n_rows) & (act < M), SPLIT_K)
-
-
-@triton.jit
-def _store_rows(out_ptr, value, act_row, out_col, stride_om, mask, SPLIT_K: tl.constexpr):
-    ptrs = out_ptr + act_row * stride_om + out_col
-    if SPLIT_K == 1:
-        tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+        _write_out(out_ptr + act * stride_om + (out_row0 + row), value, (row < n_rows) & (act < M), SPLIT_K)
 
 
 # Warps per program (16 weight rows each; the 32 KB pair table limits an SM to 7 programs), split-K, and chunks of
@@ -836,11 +835,7 @@ def _nf4_mm_kernel(
         bias = tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
     offs = m[None, :] * stride_om + out_col0 + o[:, None]
-    mask = (m < M)[None, :] & (o < OUT)[:, None]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptr + offs, acc, mask=mask, sem="relaxed")
+    _write_out(out_ptr + offs, acc, (m < M)[None, :] & (o < OUT)[:, None], SPLIT_K)
 
 
 # BLOCK_M is the MMA's narrow side: 16 covers M <= 16 with one tile. Small-M configs split K to put
@@ -1021,14 +1016,16 @@ def candidate_plans(M, x_at_w, dtype) -> list[dict]:
     return plans
 
 
-def run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w):
-    """[M, out] = x2 @ W.T or x2 @ W (+ bias) along ``plan``."""
+def run_plan(plan, x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, siblings=()):
+    """[M, out] = x2 @ W.T or x2 @ W (+ bias) along ``plan``. ``siblings`` (a fused path's x @ W.T only): more
+    weights in one launch, their outputs after W's (see nf4_gemv)."""
     if plan["path"] == "gemv":
-        return nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"])
+        return nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"], siblings)
     if plan["path"] == "mma_gemv":
-        return nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"])
+        return nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, plan["config"], siblings)
     if plan["path"] == "mm":
-        return nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, plan["config"])
+        return nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_at_w, plan["config"], siblings)
+    assert not siblings, "the dequantize path takes one weight"
     weight = nf4_dequantize(packed, absmax, nested_absmax, offset, block_size, [N, K], x2.dtype)
     bias = None if bias is None else bias.to(x2.dtype)
     if x_at_w:
@@ -1258,8 +1255,8 @@ register_kernel("linear", "CUDA", _linear_cuda)
 
 def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_features, in_features, bias, plan=None):
     """``nf4compile.linear_group`` on CUDA tensors (any under TRITON_INTERPRET=1): two or three weights of one
-    scale format in one launch of the gemv or the mm, where the plan of one weight of all the group's rows takes
-    a fused kernel; else each linear on its own path, outputs concatenated. ``plan`` forces the plan."""
+    scale format in one launch of a fused kernel (run_plan's siblings), where the plan of one weight of all the
+    group's rows takes one; else each linear on its own path, outputs concatenated. ``plan`` forces the plan."""
     check_linear_group_args(packed, absmax, nested_absmax, offset, out_features, bias)
     K, N = in_features, sum(out_features)
     weights = list(zip(packed, absmax, nested_absmax, offset, out_features, bias))
@@ -1277,12 +1274,7 @@ def nf4_linear_group(x, packed, absmax, nested_absmax, offset, block_size, out_f
             for p, a, n, o, rows, b in weights
         ):
             (p0, a0, n0, o0, rows0, b0), *siblings = [(p.reshape(-1), a.reshape(-1), n, o, rows, b) for p, a, n, o, rows, b in weights]
-            if plan["path"] == "gemv":
-                out = nf4_gemv(x2, p0, a0, n0, o0, block_size, rows0, K, b0, plan["config"], siblings=siblings)
-            elif plan["path"] == "mma_gemv":
-                out = nf4_mma_gemv(x2, p0, a0, n0, o0, block_size, rows0, K, b0, plan["config"], siblings=siblings)
-            else:
-                out = nf4_mm(x2, p0, a0, n0, o0, block_size, rows0, K, b0, False, plan["config"], siblings=siblings)
+            out = run_plan(plan, x2, p0, a0, n0, o0, block_size, rows0, K, b0, False, siblings)
             return out.view(*x.shape[:-1], N)
     return torch.cat([nf4_linear(x, p, a, n, o, block_size, rows, K, b) for p, a, n, o, rows, b in weights], dim=-1)
 
