@@ -287,21 +287,24 @@ def _sibling_weight(
     e.g. q, k and v): the first cdiv(N, BLOCK) tiles of BLOCK output rows are the first weight's, the next ones
     the second's. Returns the tile's index within its weight, the weight's first output row, its row count
     (with siblings a tensor, even where Triton made N a constant) and its pointers."""
-    if WEIGHTS == 1:
-        return tile, 0, N, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr
-    out_row0 = tile * 0
-    n_rows = N + out_row0
-    if tile >= tl.cdiv(N, BLOCK):
-        tile -= tl.cdiv(N, BLOCK)
-        out_row0 += N
-        n_rows = N1 + tile * 0
-        packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr
-        if WEIGHTS > 2:
-            if tile >= tl.cdiv(N1, BLOCK):
-                tile -= tl.cdiv(N1, BLOCK)
-                out_row0 += N1
-                n_rows = N2 + tile * 0
-                packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr
+    # Only static ifs keep the empty slots out: Triton 3.6 type-checks the statements after a static early return,
+    # and an empty slot's pointers (whatever _sibling_args put there) need not have the first weight's types.
+    out_row0 = 0
+    n_rows = N
+    if WEIGHTS > 1:
+        out_row0 = tile * 0
+        n_rows = N + out_row0
+        if tile >= tl.cdiv(N, BLOCK):
+            tile -= tl.cdiv(N, BLOCK)
+            out_row0 += N
+            n_rows = N1 + tile * 0
+            packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr
+            if WEIGHTS > 2:
+                if tile >= tl.cdiv(N1, BLOCK):
+                    tile -= tl.cdiv(N1, BLOCK)
+                    out_row0 += N1
+                    n_rows = N2 + tile * 0
+                    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr
     return tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr
 
 
