@@ -1,0 +1,2 @@
+# Session 16 call A5 (inline, same warm machine): bf16 compiled at batch 1.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; mkdir -p $OUT/logs; timeout 95 python3 bench/e2e.py --models llama-2-7b --batches 1 --methods bf16-compiled --gpu-budget-s 90 --out $OUT > $OUT/logs/e2e-b1-bf16.log 2>&1; echo rc=$? t=$SECONDS; grep -E "^\{" $OUT/logs/e2e-b1-bf16.log | cut -c1-250
