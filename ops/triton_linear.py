@@ -727,9 +727,11 @@ def _nf4_mma_gemv_kernel(
 
 
 # Warps per program (16 weight rows each; the 32 KB pair table limits an SM to 7 programs), split-K, and chunks of
-# 64 columns a step (2: twice the loads in flight, the addresses' arithmetic shared).
+# 64 columns a step (2: twice the loads in flight, the addresses' arithmetic shared). Split-K 3 fills the last wave
+# where 2 and 4 do not (11008x4096 at M = 4: 18.7 us against the 8-warp split 4 plan's 21.0; 5, 6 and 7 won no shape,
+# bench/NOTES.md).
 MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks)
-                    for chunks in (1, 2) for warps in (4, 8) for split_k in (1, 2, 4, 8)]
+                    for chunks in (1, 2) for warps in (4, 8) for split_k in (1, 2, 3, 4, 8)]
 
 
 def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
@@ -1069,8 +1071,8 @@ def _nearest_shipped(key, M, dtype, device) -> Optional[dict]:
     # nearest N: any gemv or mm config serves any shape, and a tuned one beat the defaults on every shape.
     # A gemv plan serves its own bucket only: a tile tuned for one row may spill registers with eight. An mma_gemv
     # plan serves any M up to 8 at one cost (an mma computes 8 activation rows whatever M is): its shape's buckets up
-    # to 8 may borrow it, other widths only at its own bucket. (Buckets 9-16 take its second tile of rows, which no
-    # GPU has run yet: only a plan tuned at 16.)
+    # to 8 may borrow it, other widths only at its own bucket. (Buckets 9-16 take its second tile of rows, 102 registers
+    # against 64: only a plan tuned at 16.)
     x_at_w, N, K, bucket = key
     usable, of_width = [], []
     for (xw, n, k, b), plan in _shipped_plans(device).items():
