@@ -13,7 +13,9 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            thread is one lane of an m16n8k16 mma (16 weight rows by 8 activation rows; a second mma on the same
            registers for rows 9-16), decodes its A fragment straight into registers by pair lookups and loads x
            as its B fragment, so a weight costs ~3.4 instructions for all 8 rows (offline sm_90) against the
-           gemv's ~5 for one; no shared-memory round trip of the decoded tile, unlike mm.
+           gemv's ~5 for one; no shared-memory round trip of the decoded tile, unlike mm. Bound by the L1, most of
+           whose sectors are scale parts and activations (ncu); a plan may load a quarter of the scale parts
+           ("scales": "quad", untimed).
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
@@ -620,29 +622,54 @@ def _load_words(ptr, COUNT: tl.constexpr):
 
 @triton.jit
 def _load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk,
-                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr):
+                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, SCALES: tl.constexpr):
     """Every global load of a chunk of 64 columns (none depending on another): the lane's 8 bytes of rows g and
-    g + 8 (two words each), its 16 activations of each tile (8 words, from x_row and x_row2) and the two rows'
-    scale parts."""
+    g + 8 (two words each), its 16 activations of each tile (8 words, from x_row and x_row2) and, if SCALES, the
+    two rows' scale parts."""
     words_g = _load_words(w_g + chunk * 8, 2)
     words_h = _load_words(w_h + chunk * 8, 2)
     xs = _load_words(x_row + chunk * 32, 4) + _load_words(x_row + chunk * 32 + 4, 4)
     if ROW_TILES == 2:
         xs = xs + _load_words(x_row2 + chunk * 32, 4) + _load_words(x_row2 + chunk * 32 + 4, 4)
-    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    return words_g, words_h, xs, part_g, nested_g, part_h, nested_h
+    loads = (words_g, words_h, xs)
+    if SCALES:
+        part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+        part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+        loads = (words_g, words_h, xs, part_g, nested_g, part_h, nested_h)
+    return loads
 
 
 @triton.jit
-def _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last,
-                   QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, CHUNKS: tl.constexpr):
+def _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last, QBLOCK: tl.constexpr,
+                   DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, CHUNKS: tl.constexpr, SCALES: tl.constexpr):
     """_load_mma_chunk of chunks chunk .. chunk + CHUNKS - 1, those past ``last`` reading ``last`` again."""
     loads = ()
     for i in tl.static_range(CHUNKS):
         loads = loads + (_load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h,
-                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT, ROW_TILES),)
+                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT, ROW_TILES, SCALES),)
     return loads
+
+
+@triton.jit
+def _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk_g, blk_h, chunk, last, tq, QBLOCK: tl.constexpr,
+                 DOUBLE_QUANT: tl.constexpr):
+    """The scales of rows g and g + 8 for chunk ``chunk + tq`` (at most ``last``): the four lanes of a quad, which
+    share their rows, resolve one chunk each of the next four."""
+    chunk = tl.minimum(chunk + tq, last)
+    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    return (resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT),
+            resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT))
+
+
+@triton.jit
+def _from_quad_lane(value, i, thread):
+    """``value`` of lane i of this lane's quad (lanes 4 (lane // 4) .. + 3): a shuffle within segments of 4 lanes."""
+    if INTERPRET:
+        return tl.gather(value, thread - thread % 4 + i, 0)
+    else:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1c1f, 0xffffffff;", "=f,f,r",
+                                         [value, thread * 0 + i], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -652,7 +679,8 @@ def _nf4_mma_gemv_kernel(
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, ROW_TILES: tl.constexpr, BF16: tl.constexpr, WEIGHTS: tl.constexpr,
+    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, QUAD_SCALES: tl.constexpr, ROW_TILES: tl.constexpr, BF16: tl.constexpr,
+    WEIGHTS: tl.constexpr,
 ):
     # x [M <= 8 * ROW_TILES, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns 16 rows of W, a
     # program WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g =
@@ -695,25 +723,37 @@ def _nf4_mma_gemv_kernel(
         accs = accs + (tl.zeros([32 * WARPS], dtype=tl.float32),)
     # Double buffering in registers, as the gemv's prefetch: the next step's loads (CHUNKS chunks) are issued before
     # this step's lookups and mma. A step's chunks past the slice re-read its last one and add nothing.
+    # QUAD_SCALES: every lane loads the scale parts of all its chunks, which makes them most of the sectors the L1
+    # moves, the kernel's bound (bench/NOTES.md, sixteenth session); instead each iteration covers four chunks whose
+    # scales the lanes of a quad resolve one each (a quarter of the scale loads) and hand out by shuffles.
     last = c_end - 1  # >= 0: every slice ends at a chunk of W, empty ones included
     loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, c_start, last, QBLOCK,
-                           DOUBLE_QUANT, ROW_TILES, CHUNKS)
-    for chunk in tl.range(c_start, c_end, CHUNKS, num_stages=1):
-        next_loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk + CHUNKS,
-                                    last, QBLOCK, DOUBLE_QUANT, ROW_TILES, CHUNKS)
-        for i in tl.static_range(CHUNKS):
-            words_g, words_h, xs, part_g, nested_g, part_h, nested_h = loads[i]
-            cs = _mma_chunk(table, words_g, words_h, xs, thread, BF16, ROW_TILES)
-            scale_g = resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-            scale_h = resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-            new_accs = ()
-            for j in tl.static_range(4 * ROW_TILES):
-                c = cs[j]
-                if i > 0:
-                    c = tl.where(chunk + i < c_end, c, 0.0)
-                new_accs = new_accs + (accs[j] + c * (scale_g if j % 4 < 2 else scale_h),)
-            accs = new_accs
-        loads = next_loads
+                           DOUBLE_QUANT, ROW_TILES, CHUNKS, not QUAD_SCALES)
+    for chunk in tl.range(c_start, c_end, 4 if QUAD_SCALES else CHUNKS, num_stages=1):
+        if QUAD_SCALES:
+            quad_g, quad_h = _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk_g, blk_h, chunk, last, tq,
+                                          QBLOCK, DOUBLE_QUANT)
+        for step in tl.static_range(0, 4 if QUAD_SCALES else CHUNKS, CHUNKS):
+            next_loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h,
+                                        chunk + step + CHUNKS, last, QBLOCK, DOUBLE_QUANT, ROW_TILES, CHUNKS,
+                                        not QUAD_SCALES)
+            for i in tl.static_range(CHUNKS):
+                cs = _mma_chunk(table, loads[i][0], loads[i][1], loads[i][2], thread, BF16, ROW_TILES)
+                if QUAD_SCALES:
+                    scale_g = _from_quad_lane(quad_g, step + i, thread)
+                    scale_h = _from_quad_lane(quad_h, step + i, thread)
+                else:
+                    part_g, nested_g, part_h, nested_h = loads[i][3], loads[i][4], loads[i][5], loads[i][6]
+                    scale_g = resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+                    scale_h = resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+                new_accs = ()
+                for j in tl.static_range(4 * ROW_TILES):
+                    c = cs[j]
+                    if step + i > 0:
+                        c = tl.where(chunk + step + i < c_end, c, 0.0)
+                    new_accs = new_accs + (accs[j] + c * (scale_g if j % 4 < 2 else scale_h),)
+                accs = new_accs
+            loads = next_loads
     if HAS_BIAS:
         bias_g = tl.where(pid_k == 0, tl.load(bias_ptr + read_g).to(tl.float32), 0.0)
         bias_h = tl.where(pid_k == 0, tl.load(bias_ptr + read_h).to(tl.float32), 0.0)
@@ -730,8 +770,11 @@ def _nf4_mma_gemv_kernel(
 # 64 columns a step (2: twice the loads in flight, the addresses' arithmetic shared). Split-K 3 fills the last wave
 # where 2 and 4 do not (11008x4096 at M = 4: 18.7 us against the 8-warp split 4 plan's 21.0; 5, 6 and 7 won no shape,
 # bench/NOTES.md).
-MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks)
-                    for chunks in (1, 2) for warps in (4, 8) for split_k in (1, 2, 3, 4, 8)]
+# "scales": "quad" (QUAD_SCALES) loads a quarter of the scale parts; built after the sixteenth session's device time,
+# offered to the tuner, chosen by no shipped plan until a GPU times it.
+MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks, **scales)
+                    for scales in ({}, {"scales": "quad"}) for chunks in (1, 2) for warps in (4, 8)
+                    for split_k in (1, 2, 3, 4, 8)]
 
 
 def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
@@ -750,8 +793,8 @@ def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bi
         bias if bias is not None else out, out, M, N, K, x2.stride(0), out.stride(0),
         *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
-        SPLIT_K=split_k, CHUNKS=config["CHUNKS"], ROW_TILES=1 if M <= 8 else 2, BF16=bf16, WEIGHTS=1 + len(siblings),
-        num_warps=warps, num_stages=1,
+        SPLIT_K=split_k, CHUNKS=config["CHUNKS"], QUAD_SCALES=config.get("scales") == "quad",
+        ROW_TILES=1 if M <= 8 else 2, BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 

@@ -203,12 +203,14 @@ def test_gemv_activations_at_an_unaligned_address():
 # lays them out (_emulated_mma), on a GPU as PTX: both check how the kernel fills the fragments.
 MMA_GEMV = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=1, CHUNKS=1)}
 MMA_GEMV_SPLIT = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=3, CHUNKS=2)}
+# Scales resolved one chunk a lane of each quad and shuffled (four chunks an iteration; slices of 1-3 chunks here).
+MMA_GEMV_QUAD = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=2, CHUNKS=1, scales="quad")}
 # Block sizes that are multiples of the kernel's 64-column chunk; rows not multiples of 16 or 64; (64, 128, 64)
 # where the tiles divide W.
 MMA_CASES = [(40, 192, 64, True), (19, 320, 64, False), (72, 256, 128, True), (64, 128, 64, True)]
 
 
-@pytest.mark.parametrize("plan", [MMA_GEMV, MMA_GEMV_SPLIT], ids=["mma-gemv", "mma-gemv-splitk"])
+@pytest.mark.parametrize("plan", [MMA_GEMV, MMA_GEMV_SPLIT, MMA_GEMV_QUAD], ids=["mma-gemv", "mma-gemv-splitk", "mma-gemv-quad"])
 @pytest.mark.parametrize("N,K,block_size,double_quant", MMA_CASES)
 @pytest.mark.parametrize("M", [1, 3, 8, 13, 16])  # 13 and 16: a second tile of 8 activation rows
 def test_mma_gemv(plan, N, K, block_size, double_quant, M):
@@ -285,8 +287,8 @@ def test_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, doub
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8), (MMA_GEMV, 11)],
-                         ids=["mma-gemv", "mma-gemv-splitk-8-rows", "mma-gemv-11-rows"])
+@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8), (MMA_GEMV, 11), (MMA_GEMV_QUAD, 5)],
+                         ids=["mma-gemv", "mma-gemv-splitk-8-rows", "mma-gemv-11-rows", "mma-gemv-quad"])
 @pytest.mark.parametrize("rows,K,block_size,double_quant", [GROUP_CASES[0], GROUP_CASES[2]])
 def test_mma_gemv_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, double_quant, monkeypatch):
     nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, True)
