@@ -32,6 +32,12 @@ def bnb_folder(tmp_path, arch, double_quant, skip=None):
                                       bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization, device_map="cpu")
     model.save_pretrained(tmp_path / "bnb")
+    # On CPUs with AVX512-BF16, bitsandbytes' forward first repacks each weight for its CPU kernel, and that repacking
+    # fails on these small layers (bitsandbytes 0.50.2: "shape '[64, 2]' is invalid for input of size 160"); its
+    # portable path (dequantize, then matmul) is the reference here on every CPU.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model.eval(), tmp_path / "bnb"
 
 
