@@ -1,4 +1,4 @@
-# Session 16 call A (every fused kernel failed to compile here: the _sibling_weight bug; bf16 compiled ran): Llama-2-7B batch 8 end to end with the shipped plans (the four groups' mma plans merged last
+# Session 16 call A (every fused kernel failed to compile here: the _sibling_weight bug; bf16 compiled ran) (its mma_ab.py and ncu_mma.py: call-a2/, the same files): Llama-2-7B batch 8 end to end with the shipped plans (the four groups' mma plans merged last
 # session, never run end to end); the mma gemv's second tile of rows (M = 9-16) checked against fp64 and timed on the
 # seven shapes, 14336x4096 and 4096x14336 at M = 4 and 8 (never timed with the mma); ncu of the mma gemv; the GPU
 # kernel tests of the mma gemv; its loads two steps ahead (DEPTH 2) and split-K counts that fill the last wave.
