@@ -633,10 +633,24 @@ def _load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_
         xs = xs + _load_words(x_row2 + chunk * 32, 4) + _load_words(x_row2 + chunk * 32 + 4, 4)
     loads = (words_g, words_h, xs)
     if SCALES:
-        part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-        part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-        loads = (words_g, words_h, xs, part_g, nested_g, part_h, nested_h)
+        loads = loads + (_chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, chunk, QBLOCK, DOUBLE_QUANT),)
     return loads
+
+
+@triton.jit
+def _chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, chunk, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """load_scale_parts of rows g and g + 8 for a chunk of 64 columns: (part_g, nested_g, part_h, nested_h)."""
+    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
+    return part_g, nested_g, part_h, nested_h
+
+
+@triton.jit
+def _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 scales of rows g and g + 8 from _chunk_scale_parts' values."""
+    part_g, nested_g, part_h, nested_h = parts
+    return (resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT),
+            resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT))
 
 
 @triton.jit
@@ -655,11 +669,8 @@ def _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk_g, blk_h, chun
                  DOUBLE_QUANT: tl.constexpr):
     """The scales of rows g and g + 8 for chunk ``chunk + tq`` (at most ``last``): the four lanes of a quad, which
     share their rows, resolve one chunk each of the next four."""
-    chunk = tl.minimum(chunk + tq, last)
-    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    return (resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT),
-            resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT))
+    parts = _chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, tl.minimum(chunk + tq, last), QBLOCK, DOUBLE_QUANT)
+    return _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -743,9 +754,7 @@ def _nf4_mma_gemv_kernel(
                     scale_g = _from_quad_lane(quad_g, step + i, thread)
                     scale_h = _from_quad_lane(quad_h, step + i, thread)
                 else:
-                    part_g, nested_g, part_h, nested_h = loads[i][3], loads[i][4], loads[i][5], loads[i][6]
-                    scale_g = resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-                    scale_h = resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+                    scale_g, scale_h = _chunk_scales(loads[i][3], offset_ptr, dyn_ptr, DOUBLE_QUANT)
                 new_accs = ()
                 for j in tl.static_range(4 * ROW_TILES):
                     c = cs[j]

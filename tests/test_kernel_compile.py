@@ -38,10 +38,6 @@ class _Recorder:
     """Stands in for a JITFunction: records the launch (``kernel[grid](...)`` or ``kernel.warmup(...)``) and stops
     the wrapper there (what it would do after the launch needs a GPU)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.arg_names = kernel.arg_names
-
     def __getitem__(self, grid):
         return self.warmup
 
@@ -53,7 +49,7 @@ def compile_launch(monkeypatch, module, kernel_name, wrapper, *args, **kwargs):
     """Runs ``wrapper(*args, **kwargs)`` with ``module.kernel_name`` recorded, then compiles the recorded launch for
     sm_90 (raising Triton's CompilationError where its front end or ptxas refuses it)."""
     kernel = getattr(module, kernel_name)
-    monkeypatch.setattr(module, kernel_name, _Recorder(kernel))
+    monkeypatch.setattr(module, kernel_name, _Recorder())
     with pytest.raises(_Recorded) as recorded:
         wrapper(*args, **kwargs)
     launch_args, launch_kwargs = recorded.value.args
