@@ -15,7 +15,8 @@ passes only rewrite ``dequantize -> mm`` into ``nf4compile.linear`` and leave th
            as its B fragment, so a weight costs ~3.4 instructions for all 8 rows (offline sm_90) against the
            gemv's ~5 for one; no shared-memory round trip of the decoded tile, unlike mm. Bound by the L1, most of
            whose sectors are scale parts and activations (ncu); a plan may load a quarter of the scale parts
-           ("scales": "quad", untimed).
+           ("scales": "quad") and give each warp two tiles of 16 weight rows on the same activations
+           ("WEIGHT_TILES": 2: half the activations' loads per weight byte).
   mm       tl.dot on tensor cores, either orientation (x @ W.T, or x @ W for the backward). The
            dequantized weight tile is the left operand (out^T = W x^T): W's rows fill the MMA's wide
            side and M only its narrow one, so M = 16 costs what M = 4 costs. A plan may scale each
@@ -621,56 +622,62 @@ def _load_words(ptr, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk,
-                    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, SCALES: tl.constexpr):
-    """Every global load of a chunk of 64 columns (none depending on another): the lane's 8 bytes of rows g and
-    g + 8 (two words each), its 16 activations of each tile (8 words, from x_row and x_row2) and, if SCALES, the
-    two rows' scale parts."""
-    words_g = _load_words(w_g + chunk * 8, 2)
-    words_h = _load_words(w_h + chunk * 8, 2)
+def _load_mma_chunk(w_rows, x_row, x_row2, absmax_ptr, nested_ptr, blks, chunk, QBLOCK: tl.constexpr,
+                    DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr, ROW_TILES: tl.constexpr, SCALES: tl.constexpr):
+    """Every global load of a chunk of 64 columns (none depending on another): the lane's 8 bytes of each of its ROWS
+    weight rows (two words each), its 16 activations of each tile (8 words, from x_row and x_row2) and, if SCALES, the
+    rows' scale parts."""
+    words = ()
+    for r in tl.static_range(ROWS):
+        words = words + (_load_words(w_rows[r] + chunk * 8, 2),)
     xs = _load_words(x_row + chunk * 32, 4) + _load_words(x_row + chunk * 32 + 4, 4)
     if ROW_TILES == 2:
         xs = xs + _load_words(x_row2 + chunk * 32, 4) + _load_words(x_row2 + chunk * 32 + 4, 4)
-    loads = (words_g, words_h, xs)
+    loads = (words, xs)
     if SCALES:
-        loads = loads + (_chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, chunk, QBLOCK, DOUBLE_QUANT),)
+        loads = loads + (_chunk_scale_parts(absmax_ptr, nested_ptr, blks, chunk, QBLOCK, DOUBLE_QUANT, ROWS),)
     return loads
 
 
 @triton.jit
-def _chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, chunk, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """load_scale_parts of rows g and g + 8 for a chunk of 64 columns: (part_g, nested_g, part_h, nested_h)."""
-    part_g, nested_g = load_scale_parts(absmax_ptr, nested_ptr, blk_g + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    part_h, nested_h = load_scale_parts(absmax_ptr, nested_ptr, blk_h + chunk * 64 // QBLOCK, None, DOUBLE_QUANT, True)
-    return part_g, nested_g, part_h, nested_h
+def _chunk_scale_parts(absmax_ptr, nested_ptr, blks, chunk, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       ROWS: tl.constexpr):
+    """load_scale_parts of the lane's ROWS weight rows (first blocks ``blks``) for a chunk of 64 columns."""
+    parts = ()
+    for r in tl.static_range(ROWS):
+        parts = parts + (load_scale_parts(absmax_ptr, nested_ptr, blks[r] + chunk * 64 // QBLOCK, None, DOUBLE_QUANT,
+                                          True),)
+    return parts
 
 
 @triton.jit
-def _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr):
-    """The fp32 scales of rows g and g + 8 from _chunk_scale_parts' values."""
-    part_g, nested_g, part_h, nested_h = parts
-    return (resolve_scales(part_g, nested_g, offset_ptr, dyn_ptr, DOUBLE_QUANT),
-            resolve_scales(part_h, nested_h, offset_ptr, dyn_ptr, DOUBLE_QUANT))
+def _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr):
+    """The fp32 scales of the lane's ROWS weight rows from _chunk_scale_parts' values."""
+    scales = ()
+    for r in tl.static_range(ROWS):
+        scales = scales + (resolve_scales(parts[r][0], parts[r][1], offset_ptr, dyn_ptr, DOUBLE_QUANT),)
+    return scales
 
 
 @triton.jit
-def _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, chunk, last, QBLOCK: tl.constexpr,
-                   DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, CHUNKS: tl.constexpr, SCALES: tl.constexpr):
+def _load_mma_step(w_rows, x_row, x_row2, absmax_ptr, nested_ptr, blks, chunk, last, QBLOCK: tl.constexpr,
+                   DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr, ROW_TILES: tl.constexpr, CHUNKS: tl.constexpr,
+                   SCALES: tl.constexpr):
     """_load_mma_chunk of chunks chunk .. chunk + CHUNKS - 1, those past ``last`` reading ``last`` again."""
     loads = ()
     for i in tl.static_range(CHUNKS):
-        loads = loads + (_load_mma_chunk(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h,
-                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT, ROW_TILES, SCALES),)
+        loads = loads + (_load_mma_chunk(w_rows, x_row, x_row2, absmax_ptr, nested_ptr, blks,
+                                         tl.minimum(chunk + i, last), QBLOCK, DOUBLE_QUANT, ROWS, ROW_TILES, SCALES),)
     return loads
 
 
 @triton.jit
-def _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk_g, blk_h, chunk, last, tq, QBLOCK: tl.constexpr,
-                 DOUBLE_QUANT: tl.constexpr):
-    """The scales of rows g and g + 8 for chunk ``chunk + tq`` (at most ``last``): the four lanes of a quad, which
-    share their rows, resolve one chunk each of the next four."""
-    parts = _chunk_scale_parts(absmax_ptr, nested_ptr, blk_g, blk_h, tl.minimum(chunk + tq, last), QBLOCK, DOUBLE_QUANT)
-    return _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+def _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blks, chunk, last, tq, QBLOCK: tl.constexpr,
+                 DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr):
+    """The scales of the lane's ROWS weight rows for chunk ``chunk + tq`` (at most ``last``): the four lanes of a quad,
+    which share their rows, resolve one chunk each of the next four."""
+    parts = _chunk_scale_parts(absmax_ptr, nested_ptr, blks, tl.minimum(chunk + tq, last), QBLOCK, DOUBLE_QUANT, ROWS)
+    return _chunk_scales(parts, offset_ptr, dyn_ptr, DOUBLE_QUANT, ROWS)
 
 
 @triton.jit
@@ -690,47 +697,51 @@ def _nf4_mma_gemv_kernel(
     packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr, N1,
     packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr, N2,
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, QUAD_SCALES: tl.constexpr, ROW_TILES: tl.constexpr, BF16: tl.constexpr,
-    WEIGHTS: tl.constexpr,
+    SPLIT_K: tl.constexpr, CHUNKS: tl.constexpr, QUAD_SCALES: tl.constexpr, ROW_TILES: tl.constexpr,
+    WEIGHT_TILES: tl.constexpr, BF16: tl.constexpr, WEIGHTS: tl.constexpr,
 ):
-    # x [M <= 8 * ROW_TILES, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns 16 rows of W, a
-    # program WARPS * 16 rows and one of SPLIT_K slices of K. Each thread is one lane of mma.sync.m16n8k16: g =
-    # lane // 4 names its two weight rows (g, g + 8 of the warp's 16) and its activation row in each tile of 8 (g,
-    # then 8 + g; rows past M repeat row M - 1, their outputs not stored), tq = lane % 4 its 16 of each 64 columns.
-    # Both tiles' mma take the same A fragments: a second tile costs its activations' loads and four mma a chunk.
+    # x [M <= 8 * ROW_TILES, K] @ W.T on the tensor cores, swapped (out^T = W @ x^T): each warp owns WEIGHT_TILES
+    # tiles of 16 rows of W, a program WARPS times that and one of SPLIT_K slices of K. Each thread is one lane of
+    # mma.sync.m16n8k16: g = lane // 4 names its two weight rows of each tile (g, g + 8 of its 16) and its activation
+    # row in each tile of 8 (g, then 8 + g; rows past M repeat row M - 1, their outputs not stored), tq = lane % 4 its
+    # 16 of each 64 columns. Both activation tiles' mma take the same A fragments: a second tile costs its
+    # activations' loads and four mma a chunk. Both weight tiles' mma take the same B fragments: a second weight tile
+    # halves the activations' loads per weight byte, which the L1 moves for every warp alike.
     # The reduction order within a chunk of 64 columns is permuted, alike for both operands: lane tq's A and B
     # fragments hold columns 16 tq .. 16 tq + 15, which are 8 contiguous bytes of each weight row and 32 of
     # activations, decoded straight into the A registers (no shared-memory round trip, no layout conversion). The
     # block scale multiplies each chunk's fp32 result (QBLOCK >= 64: a chunk lies in one block).
     pid_k = tl.program_id(1)
     tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
-        tl.program_id(0), WARPS * 16, N, N1, N2, WEIGHTS, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
-        packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+        tl.program_id(0), WARPS * 16 * WEIGHT_TILES, N, N1, N2, WEIGHTS,
+        packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr, packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
         packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
     )
     thread = tl.arange(0, 32 * WARPS)  # one element a thread: Triton's default layout for this shape
     lane = thread % 32
     tq = lane % 4
-    row_g = tile * (WARPS * 16) + (thread // 32) * 16 + lane // 4
-    row_h = row_g + 8
-    read_g = tl.minimum(row_g, n_rows - 1)  # rows past W read its last row, never stored
-    read_h = tl.minimum(row_h, n_rows - 1)
+    # The lane's weight rows: g and g + 8 of each of the warp's tiles of 16.
+    warp_row0 = tile * (WARPS * 16 * WEIGHT_TILES) + (thread // 32) * (16 * WEIGHT_TILES) + lane // 4
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
-    w_g = words_ptr + read_g.to(tl.int64) * (K // 8) + tq * 2
-    w_h = words_ptr + read_h.to(tl.int64) * (K // 8) + tq * 2
+    rows, w_rows, blks = (), (), ()
+    for r in tl.static_range(2 * WEIGHT_TILES):
+        row = warp_row0 + 8 * r
+        read = tl.minimum(row, n_rows - 1)  # rows past W read its last row, never stored
+        rows = rows + (row,)
+        w_rows = w_rows + (words_ptr + read.to(tl.int64) * (K // 8) + tq * 2,)
+        blks = blks + (read * (K // QBLOCK),)
     x_words = x_ptr.to(tl.pointer_type(tl.int32))
     x_row = x_words + tl.minimum(lane // 4, M - 1) * (stride_xm // 2) + tq * 8
     x_row2 = x_words + tl.minimum(lane // 4 + 8, M - 1) * (stride_xm // 2) + tq * 8
-    blk_g = read_g * (K // QBLOCK)
-    blk_h = read_h * (K // QBLOCK)
     chunks = K // 64
     per_split = tl.cdiv(chunks, SPLIT_K)
     c_start = pid_k * per_split
     c_end = tl.minimum(c_start + per_split, chunks)
     table = codebook_pairs(pair_ptr)
-    # Per tile, the lane's four outputs: (row g, activation 2 tq), (g, 2 tq + 1), (g + 8, 2 tq), (g + 8, 2 tq + 1).
+    # Per weight tile and activation tile, the lane's four outputs: (row g, activation 2 tq), (g, 2 tq + 1),
+    # (g + 8, 2 tq), (g + 8, 2 tq + 1).
     accs = ()
-    for i in tl.static_range(4 * ROW_TILES):
+    for i in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
         accs = accs + (tl.zeros([32 * WARPS], dtype=tl.float32),)
     # Double buffering in registers, as the gemv's prefetch: the next step's loads (CHUNKS chunks) are issued before
     # this step's lookups and mma. A step's chunks past the slice re-read its last one and add nothing.
@@ -738,40 +749,46 @@ def _nf4_mma_gemv_kernel(
     # moves, the kernel's bound (bench/NOTES.md, sixteenth session); instead each iteration covers four chunks whose
     # scales the lanes of a quad resolve one each (a quarter of the scale loads) and hand out by shuffles.
     last = c_end - 1  # >= 0: every slice ends at a chunk of W, empty ones included
-    loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h, c_start, last, QBLOCK,
-                           DOUBLE_QUANT, ROW_TILES, CHUNKS, not QUAD_SCALES)
+    loads = _load_mma_step(w_rows, x_row, x_row2, absmax_ptr, nested_ptr, blks, c_start, last, QBLOCK, DOUBLE_QUANT,
+                           2 * WEIGHT_TILES, ROW_TILES, CHUNKS, not QUAD_SCALES)
     for chunk in tl.range(c_start, c_end, 4 if QUAD_SCALES else CHUNKS, num_stages=1):
         if QUAD_SCALES:
-            quad_g, quad_h = _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blk_g, blk_h, chunk, last, tq,
-                                          QBLOCK, DOUBLE_QUANT)
+            quad = _quad_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blks, chunk, last, tq, QBLOCK,
+                                DOUBLE_QUANT, 2 * WEIGHT_TILES)
         for step in tl.static_range(0, 4 if QUAD_SCALES else CHUNKS, CHUNKS):
-            next_loads = _load_mma_step(w_g, w_h, x_row, x_row2, absmax_ptr, nested_ptr, blk_g, blk_h,
-                                        chunk + step + CHUNKS, last, QBLOCK, DOUBLE_QUANT, ROW_TILES, CHUNKS,
+            next_loads = _load_mma_step(w_rows, x_row, x_row2, absmax_ptr, nested_ptr, blks, chunk + step + CHUNKS,
+                                        last, QBLOCK, DOUBLE_QUANT, 2 * WEIGHT_TILES, ROW_TILES, CHUNKS,
                                         not QUAD_SCALES)
             for i in tl.static_range(CHUNKS):
-                cs = _mma_chunk(table, loads[i][0], loads[i][1], loads[i][2], thread, BF16, ROW_TILES)
+                words, xs = loads[i][0], loads[i][1]
+                cs = ()
+                for wt in tl.static_range(WEIGHT_TILES):
+                    cs = cs + _mma_chunk(table, words[2 * wt], words[2 * wt + 1], xs, thread, BF16, ROW_TILES)
                 if QUAD_SCALES:
-                    scale_g = _from_quad_lane(quad_g, step + i, thread)
-                    scale_h = _from_quad_lane(quad_h, step + i, thread)
+                    scales = ()
+                    for r in tl.static_range(2 * WEIGHT_TILES):
+                        scales = scales + (_from_quad_lane(quad[r], step + i, thread),)
                 else:
-                    scale_g, scale_h = _chunk_scales(loads[i][3], offset_ptr, dyn_ptr, DOUBLE_QUANT)
+                    scales = _chunk_scales(loads[i][2], offset_ptr, dyn_ptr, DOUBLE_QUANT, 2 * WEIGHT_TILES)
                 new_accs = ()
-                for j in tl.static_range(4 * ROW_TILES):
+                for j in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
                     c = cs[j]
                     if step + i > 0:
                         c = tl.where(chunk + step + i < c_end, c, 0.0)
-                    new_accs = new_accs + (accs[j] + c * (scale_g if j % 4 < 2 else scale_h),)
+                    new_accs = new_accs + (accs[j] + c * scales[2 * (j // (4 * ROW_TILES)) + j % 4 // 2],)
                 accs = new_accs
             loads = next_loads
     if HAS_BIAS:
-        bias_g = tl.where(pid_k == 0, tl.load(bias_ptr + read_g).to(tl.float32), 0.0)
-        bias_h = tl.where(pid_k == 0, tl.load(bias_ptr + read_h).to(tl.float32), 0.0)
-    for j in tl.static_range(4 * ROW_TILES):
-        row = row_g if j % 4 < 2 else row_h
-        act = 8 * (j // 4) + tq * 2 + j % 2
+        biases = ()
+        for r in tl.static_range(2 * WEIGHT_TILES):
+            read = tl.minimum(rows[r], n_rows - 1)
+            biases = biases + (tl.where(pid_k == 0, tl.load(bias_ptr + read).to(tl.float32), 0.0),)
+    for j in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
+        row = rows[2 * (j // (4 * ROW_TILES)) + j % 4 // 2]
+        act = 8 * (j % (4 * ROW_TILES) // 4) + tq * 2 + j % 2
         value = accs[j]
         if HAS_BIAS:
-            value += bias_g if j % 4 < 2 else bias_h
+            value += biases[2 * (j // (4 * ROW_TILES)) + j % 4 // 2]
         _write_out(out_ptr + act * stride_om + (out_row0 + row), value, (row < n_rows) & (act < M), SPLIT_K)
 
 
@@ -796,14 +813,15 @@ def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bi
     out = _output(M, sum(row_counts), x2, split_k)
     _, dyn, fp16_pairs, bf16_pairs = lookup_tables(x2.device)
     bf16 = x2.dtype == torch.bfloat16
-    grid = (sum(-(-n // (16 * warps)) for n in row_counts), split_k)
+    weight_tiles = config.get("WEIGHT_TILES", 1)
+    grid = (sum(-(-n // (16 * warps * weight_tiles)) for n in row_counts), split_k)
     _nf4_mma_gemv_kernel[grid](
         x2, packed, absmax, *_nested_args(absmax, nested_absmax, offset), dyn, bf16_pairs if bf16 else fp16_pairs,
         bias if bias is not None else out, out, M, N, K, x2.stride(0), out.stride(0),
         *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
         SPLIT_K=split_k, CHUNKS=config["CHUNKS"], QUAD_SCALES=config.get("scales") == "quad",
-        ROW_TILES=1 if M <= 8 else 2, BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
+        ROW_TILES=1 if M <= 8 else 2, WEIGHT_TILES=weight_tiles, BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 

@@ -104,7 +104,9 @@ def test_gemv_compiles(config, siblings, double_quant, monkeypatch):
 
 
 @pytest.mark.parametrize("config", [dict(num_warps=4, SPLIT_K=1, CHUNKS=1), dict(num_warps=8, SPLIT_K=4, CHUNKS=2),
-                                    dict(num_warps=8, SPLIT_K=3, CHUNKS=2, scales="quad")], ids=["one-chunk", "split", "quad"])
+                                    dict(num_warps=8, SPLIT_K=3, CHUNKS=2, scales="quad"),
+                                    dict(num_warps=4, SPLIT_K=2, CHUNKS=1, scales="quad", WEIGHT_TILES=2)],
+                         ids=["one-chunk", "split", "quad", "two-weight-tiles"])
 @pytest.mark.parametrize("M", [3, 13])
 @pytest.mark.parametrize("siblings,double_quant,bias", [(0, True, False), (0, False, True), (1, True, True), (2, True, False)])
 def test_mma_gemv_compiles(config, M, siblings, double_quant, bias, monkeypatch):

@@ -217,6 +217,20 @@ def test_mma_gemv(plan, N, K, block_size, double_quant, M):
     _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
 
 
+# Two tiles of 16 weight rows a warp (128 rows a program of 4 warps), sharing the activations' fragments: 300 rows
+# take three programs, the last one part full; with per-chunk and quad scales.
+MMA_GEMV_TWO_TILES = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=2, CHUNKS=2, WEIGHT_TILES=2)}
+MMA_GEMV_TWO_TILES_QUAD = {"path": "mma_gemv", "config": dict(num_warps=4, SPLIT_K=3, CHUNKS=1, scales="quad",
+                                                              WEIGHT_TILES=2)}
+
+
+@pytest.mark.parametrize("plan", [MMA_GEMV_TWO_TILES, MMA_GEMV_TWO_TILES_QUAD], ids=["two-tiles", "two-tiles-quad"])
+@pytest.mark.parametrize("N,K,block_size,double_quant", [(300, 192, 64, True), (19, 320, 64, False), (72, 256, 128, True)])
+@pytest.mark.parametrize("M", [1, 8, 13])
+def test_mma_gemv_two_weight_tiles(plan, N, K, block_size, double_quant, M):
+    _check_linear(plan, N, K, block_size, double_quant, M, torch.bfloat16, bias=True)
+
+
 def test_mma_gemv_fp16_and_batch_dims():
     _check_linear(MMA_GEMV_SPLIT, 40, 192, 64, True, None, torch.float16, bias=True, x_shape=(2, 3))
 
@@ -287,8 +301,9 @@ def test_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, doub
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8), (MMA_GEMV, 11), (MMA_GEMV_QUAD, 5)],
-                         ids=["mma-gemv", "mma-gemv-splitk-8-rows", "mma-gemv-11-rows", "mma-gemv-quad"])
+@pytest.mark.parametrize("plan,M", [(MMA_GEMV, 1), (MMA_GEMV_SPLIT, 8), (MMA_GEMV, 11), (MMA_GEMV_QUAD, 5),
+                                    (MMA_GEMV_TWO_TILES_QUAD, 6)],
+                         ids=["mma-gemv", "mma-gemv-splitk-8-rows", "mma-gemv-11-rows", "mma-gemv-quad", "mma-gemv-two-tiles"])
 @pytest.mark.parametrize("rows,K,block_size,double_quant", [GROUP_CASES[0], GROUP_CASES[2]])
 def test_mma_gemv_group_is_one_launch_over_the_weights(plan, M, rows, K, block_size, double_quant, monkeypatch):
     nf4, biases, ref_weight, ref_bias = _group(rows, K, block_size, double_quant, torch.bfloat16, True)
