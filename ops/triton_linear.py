@@ -73,6 +73,11 @@ def tuned_configs(chip: str) -> Path:
     """Where bench/nf4_kernels.py --tune files a chip's plans and the dispatcher reads them."""
     return Path(__file__).with_name(f"tuned_configs_{chip}.json")
 
+
+# The fused kernels were measured with multiply-adds contracted (FFMA): Triton 3.9 warns that 3.10 stops doing so by
+# default, so every launch asks for it (the dequantize kernel asks for the opposite, for bitsandbytes' rounding).
+FP_FUSION = True
+
 # Measured on an H100 (bench/NOTES.md): the gemv kernel serves one row of activations (decode) by
 # default: mm took M = 4 from the first sessions' multi-row gemv on 6 of 7 shapes, its cost barely grows
 # with M <= 16. The gemv decodes a step once for all its rows, at one multiply-add per weight and row: the
@@ -495,7 +500,7 @@ def nf4_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, 
         EVEN=all(n % block_n == 0 for n in row_counts) and K % config["BLOCK_K"] == 0,
         SHUFFLE=shuffle, MIXED=mixed, PAIRS=use_pairs,
         PREFETCH=config.get("prefetch", False), ROW_SCALES=config.get("scales") == "rows",
-        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"],
+        WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], enable_fp_fusion=FP_FUSION,
         **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}),  # other plans launch as measured
     )
     return out if split_k == 1 else out.to(x2.dtype)
@@ -822,6 +827,7 @@ def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bi
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
         SPLIT_K=split_k, CHUNKS=config["CHUNKS"], QUAD_SCALES=config.get("scales") == "quad",
         ROW_TILES=1 if M <= 8 else 2, WEIGHT_TILES=weight_tiles, BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
+        enable_fp_fusion=FP_FUSION,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -981,6 +987,7 @@ def nf4_mm(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, x_
         SCALE_AFTER=config.get("scale") == "after" and not x_at_w,
         EVEN=all(n % config["BLOCK_OUT"] == 0 for n in col_counts) and (N if x_at_w else K) % config["BLOCK_RED"] == 0,
         WEIGHTS=1 + len(siblings), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        enable_fp_fusion=FP_FUSION,
     )
     if use_pairs and not INTERPRET:
         # The GEMM's own shared memory plus the pair table may pass 48 KB: the compiled kernel is opted in

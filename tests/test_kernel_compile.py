@@ -65,6 +65,8 @@ def compile_launch(monkeypatch, module, kernel_name, wrapper, *args, **kwargs):
             assert isinstance(value, int) and not isinstance(value, bool), (name, value)
             signature[name] = "i32"
     options = {k: v for k, v in launch_kwargs.items() if k in _LAUNCH_OPTIONS}
+    # Triton 3.10 flips the default (no FP fusion): a launch that relied on it would change speed or rounding.
+    assert "enable_fp_fusion" in options, f"{kernel_name}'s launch leaves FP fusion to Triton's default"
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=HOPPER, options=options)
 
 
