@@ -801,11 +801,15 @@ def _nf4_mma_gemv_kernel(
 # 64 columns a step (2: twice the loads in flight, the addresses' arithmetic shared). Split-K 3 fills the last wave
 # where 2 and 4 do not (11008x4096 at M = 4: 18.7 us against the 8-warp split 4 plan's 21.0; 5, 6 and 7 won no shape,
 # bench/NOTES.md).
-# "scales": "quad" (QUAD_SCALES) loads a quarter of the scale parts; built after the sixteenth session's device time,
-# offered to the tuner, chosen by no shipped plan until a GPU times it.
+# "scales": "quad" (QUAD_SCALES) loads a quarter of the scale parts (built after the sixteenth session's device
+# time); "WEIGHT_TILES": 2 halves the activations' loads per weight byte, with quad scales and one chunk a step
+# (71 registers for 8 warps offline, 106 with two activation tiles; two chunks a step: 89). Neither has been timed
+# on a GPU (no device was lent in the seventeenth session): offered to the tuner, chosen by no shipped plan.
 MMA_GEMV_CONFIGS = [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=chunks, **scales)
                     for scales in ({}, {"scales": "quad"}) for chunks in (1, 2) for warps in (4, 8)
                     for split_k in (1, 2, 3, 4, 8)]
+MMA_GEMV_CONFIGS += [dict(num_warps=warps, SPLIT_K=split_k, CHUNKS=1, scales="quad", WEIGHT_TILES=2)
+                     for warps in (4, 8) for split_k in (1, 2, 3, 4, 8)]
 
 
 def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bias, config, siblings=()):
