@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import datetime
+import functools
 import gc
 import importlib.util
 import json
 import os
 import platform
+import pstats
 import tempfile
 import time
 import traceback
@@ -286,7 +289,11 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     hits_before = compile_cache_hits()
     with torch.no_grad(), mock.patch.dict(os.environ, switches.get(method, {})):
         warmup: dict = {}
-        _, code = run_and_get_code(generate, model, prompt, WARMUP_TOKENS, step, cache, warmup)
+        warm_up = functools.partial(run_and_get_code, generate, model, prompt, WARMUP_TOKENS, step, cache, warmup)
+        if args.profile_compile and method in COMPILED:
+            (_, code), profile = profiled(warm_up, args.profile_compile)
+        else:
+            (_, code), profile = warm_up(), None
         warmup_s = time.perf_counter() - start
         prefill_s = []
         for _ in range(PREFILL_REPEATS):
@@ -305,6 +312,8 @@ def run_config(model, method: str, batch: int, args, device) -> dict:
     if method in COMPILED:  # where the warm-up went; the rest is the compiled step's first runs and graph capture
         result.update(compile_prefill_s=warmup["prefill_s"], compile_phases_s=compile_phases(),
                       compile_cache_hits=compile_cache_hits() - hits_before)
+    if profile:
+        result["compile_profile"] = profile
     if code:  # Inductor's output: did the pass fuse (nf4compile: every NF4 layer one linear, no dequantize)?
         result.update(decode_graph="trees" if method.endswith("-trees") or args.decode_graph == "trees" else "step",
                       fused_linear_calls=sum(c.count("torch.ops.nf4compile.linear.default(") for c in code),
@@ -325,6 +334,22 @@ def compile_phases() -> dict:
     names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     measured = dict(zip(names, seconds))
     return {name: float(measured[name]) for name in COMPILE_PHASES if name in measured}
+
+
+def profiled(call, top: int):
+    """``call()`` under cProfile (which slows Python ~2x: its compile_s is not comparable) -> its value, and where its
+    time went: the ``top`` functions by cumulative seconds, Triton's compiler (our kernels build at their first run,
+    outside Dynamo's timers) and nf4compile's own functions (tracing the NF4 subclass, fake ops, passes)."""
+    profile = cProfile.Profile()
+    value = profile.runcall(call)
+    stats = pstats.Stats(profile).stats  # {(file, line, function): (primitive calls, calls, tottime, cumtime, callers)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][3])
+    return value, dict(
+        triton_compile_s=sum(v[3] for k, v in stats.items() if k[0].endswith("triton/compiler/compiler.py") and k[2] == "compile"),
+        nf4compile_self_s=sum(v[2] for k, v in stats.items() if f"{os.sep}nf4compile{os.sep}" in k[0]),
+        top=[dict(function=f"{k[0]}:{k[1]}({k[2]})", calls=v[1], cum_s=round(v[3], 3), self_s=round(v[2], 3))
+             for k, v in ranked[:top]],
+    )
 
 
 def compile_cache_hits() -> int:
@@ -412,8 +437,9 @@ TARGETS = [  # (name, metric, threshold, higher is better) on llama-2-7b
 
 
 def cold_compile_ratio(nf4: dict, bf16: dict) -> Optional[float]:
-    """nf4's compile time over bf16's; None (not comparable) where either warm-up hit the compile caches."""
-    if nf4.get("compile_cache_hits") or bf16.get("compile_cache_hits"):
+    """nf4's compile time over bf16's; None (not comparable) where either warm-up hit the compile caches or ran
+    profiled."""
+    if any(r.get("compile_cache_hits") or "compile_profile" in r for r in (nf4, bf16)):
         return None
     return nf4["compile_s"] / bf16["compile_s"]
 
@@ -552,6 +578,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-caches", action="store_true",
                         help="reuse this machine's compile caches (Inductor, AOTAutograd, Triton); by default the run compiles "
                              "into a fresh temporary directory, so that every compile time is a cold one")
+    parser.add_argument("--profile-compile", type=int, default=0, metavar="TOP",
+                        help="profile each compiled method's warm-up (cProfile: its compile_s runs ~2x slow) and record "
+                             "the TOP functions by cumulative time, Triton's compile time and nf4compile's own")
     parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this JSON")
     args = parser.parse_args(argv)
     if args.plot:

@@ -47,6 +47,20 @@ def test_compile_time_target_compares_cold_compiles_only():
     assert e2e.cold_compile_ratio(nf4, bf16) == 1.5
     assert e2e.cold_compile_ratio(dict(nf4, compile_cache_hits=2), bf16) is None
     assert e2e.cold_compile_ratio(nf4, dict(bf16, compile_cache_hits=1)) is None
+    assert e2e.cold_compile_ratio(dict(nf4, compile_profile={}), bf16) is None  # cProfile's slowdown
+
+
+def test_profile_compile_records_where_the_warm_up_went(tmp_path):
+    e2e = _e2e()
+    report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--methods", "nf4compile,bf16-eager",
+                       "--compile-backend", "eager", "--profile-compile", "5", "--out", str(tmp_path)])
+    results = {r["method"]: r for r in report["results"]}
+    profile = results["nf4compile"]["compile_profile"]
+    assert len(profile["top"]) == 5 and profile["top"][0]["cum_s"] >= profile["top"][-1]["cum_s"] > 0
+    # Tracing runs the NF4 subclass's dispatch and the ops' fake implementations: nf4compile's own code.
+    assert 0 < profile["nf4compile_self_s"] < profile["top"][0]["cum_s"]
+    assert profile["triton_compile_s"] >= 0
+    assert "compile_profile" not in results["bf16-eager"]  # not compiled: nothing profiled
 
 
 def test_compiles_cache_into_a_fresh_directory_unless_warm_caches_are_asked_for(monkeypatch):
