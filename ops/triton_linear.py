@@ -62,7 +62,6 @@ from nf4compile.ops.triton_dequantize import (
 )
 
 
-
 def gpu_chip(device_name: str) -> str:
     """The chip a GPU's tuned plans are filed under: "NVIDIA H100 80GB HBM3" -> "h100"."""
     match = re.search(r"\b[A-Z]{1,2}\d{2,4}\b", device_name)
@@ -72,6 +71,20 @@ def gpu_chip(device_name: str) -> str:
 def tuned_configs(chip: str) -> Path:
     """Where bench/nf4_kernels.py --tune files a chip's plans and the dispatcher reads them."""
     return Path(__file__).with_name(f"tuned_configs_{chip}.json")
+
+
+# Hopper GPUs without plans of their own (H200, H800, H20, ...) run the H100's: the same SM (registers, shared memory,
+# mma.sync), so every plan fits and computes the same. They were timed for the H100's 132 SMs and bandwidth only:
+# NF4COMPILE_AUTOTUNE=1 tunes for the chip itself.
+SAME_SM_PLANS = {(9, 0): "h100"}
+
+
+def plans_file(device_name: str, capability: tuple[int, int]) -> Optional[Path]:
+    """The tuned plans a GPU reads: its chip's own file, else its architecture's (SAME_SM_PLANS), else none."""
+    for chip in (gpu_chip(device_name), SAME_SM_PLANS.get(tuple(capability))):
+        if chip and tuned_configs(chip).exists():
+            return tuned_configs(chip)
+    return None
 
 
 # The fused kernels were measured with multiply-adds contracted (FFMA): Triton 3.9 warns that 3.10 stops doing so by
@@ -1132,12 +1145,12 @@ def _plan_key(x2, N, K, block_size, x_at_w) -> tuple:
 
 
 def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
-    """Plans tuned by bench/nf4_kernels.py --tune on this device's chip, if shipped."""
+    """Plans tuned by bench/nf4_kernels.py --tune on this device's chip (or one with its SM), if shipped."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if name not in _SHIPPED:
         plans = {}
-        path = tuned_configs(gpu_chip(name))
-        if device.type == "cuda" and path.exists():
+        path = plans_file(name, torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+        if path is not None:
             for entry in json.loads(path.read_text())["plans"]:
                 key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])
                 plans[key] = {k: entry[k] for k in ("path", "config") if k in entry}

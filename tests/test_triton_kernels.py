@@ -455,6 +455,24 @@ def test_gpu_chip_names_the_shipped_file():
     assert triton_linear.tuned_configs("h100").exists()
 
 
+def test_hopper_gpus_without_plans_of_their_own_read_the_h100s(monkeypatch):
+    h100 = triton_linear.tuned_configs("h100")
+    assert triton_linear.plans_file("NVIDIA H100 PCIe", (9, 0)) == h100
+    assert triton_linear.plans_file("NVIDIA H200", (9, 0)) == h100
+    assert triton_linear.plans_file("NVIDIA A100-SXM4-80GB", (8, 0)) is None  # another SM: the defaults
+    assert triton_linear.plans_file("NVIDIA B200", (10, 0)) is None
+    # The dispatcher reads them for such a device (the CUDA queries answered here, no GPU needed).
+    monkeypatch.setattr(triton_linear, "_SHIPPED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    shipped = triton_linear._shipped_plans(torch.device("cuda"))
+    keys = {(e["x_at_w"], e["N"], e["K"], e["m_bucket"]) for e in json.loads(h100.read_text())["plans"]}
+    assert set(shipped) == keys and shipped[(False, 4096, 4096, 1)]["path"] == "gemv"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert triton_linear._shipped_plans(torch.device("cuda")) == {}
+
+
 def test_fastest_plan_skips_plans_that_do_not_fit_and_reports_every_timing(monkeypatch):
     # The tuner's choice without a GPU: each "call" returns its plan's time; one plan does not fit.
     times = {"a": 30.0, "b": 10.0, "c": 20.0}
