@@ -75,16 +75,18 @@ def tuned_configs(chip: str) -> Path:
 
 # Hopper GPUs without plans of their own (H200, H800, H20, ...) run the H100's: the same SM (registers, shared memory,
 # mma.sync), so every plan fits and computes the same. They were timed for the H100's 132 SMs and bandwidth only:
-# NF4COMPILE_AUTOTUNE=1 tunes for the chip itself.
+# with NF4COMPILE_AUTOTUNE=1 such a chip tunes its own instead.
 SAME_SM_PLANS = {(9, 0): "h100"}
 
 
-def plans_file(device_name: str, capability: tuple[int, int]) -> Optional[Path]:
-    """The tuned plans a GPU reads: its chip's own file, else its architecture's (SAME_SM_PLANS), else none."""
-    for chip in (gpu_chip(device_name), SAME_SM_PLANS.get(tuple(capability))):
-        if chip and tuned_configs(chip).exists():
-            return tuned_configs(chip)
-    return None
+def plans_file(device_name: str, capability: tuple[int, int], autotune: bool = False) -> Optional[Path]:
+    """The tuned plans a GPU reads: its chip's own file, else (unless it will tune its own) its architecture's
+    (SAME_SM_PLANS), else none."""
+    own = tuned_configs(gpu_chip(device_name))
+    if own.exists():
+        return own
+    borrowed = SAME_SM_PLANS.get(tuple(capability))
+    return tuned_configs(borrowed) if borrowed and not autotune and tuned_configs(borrowed).exists() else None
 
 
 # The fused kernels were measured with multiply-adds contracted (FFMA): Triton 3.9 warns that 3.10 stops doing so by
@@ -1149,7 +1151,8 @@ def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if name not in _SHIPPED:
         plans = {}
-        path = plans_file(name, torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+        autotune = os.environ.get("NF4COMPILE_AUTOTUNE") == "1"
+        path = plans_file(name, torch.cuda.get_device_capability(device), autotune) if device.type == "cuda" else None
         if path is not None:
             for entry in json.loads(path.read_text())["plans"]:
                 key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])

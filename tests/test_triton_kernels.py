@@ -456,11 +456,15 @@ def test_gpu_chip_names_the_shipped_file():
 
 
 def test_hopper_gpus_without_plans_of_their_own_read_the_h100s(monkeypatch):
+    monkeypatch.delenv("NF4COMPILE_AUTOTUNE", raising=False)
     h100 = triton_linear.tuned_configs("h100")
     assert triton_linear.plans_file("NVIDIA H100 PCIe", (9, 0)) == h100
     assert triton_linear.plans_file("NVIDIA H200", (9, 0)) == h100
     assert triton_linear.plans_file("NVIDIA A100-SXM4-80GB", (8, 0)) is None  # another SM: the defaults
     assert triton_linear.plans_file("NVIDIA B200", (10, 0)) is None
+    # Asked to tune, a chip tunes its own plans rather than borrow; the H100 keeps its shipped ones.
+    assert triton_linear.plans_file("NVIDIA H200", (9, 0), autotune=True) is None
+    assert triton_linear.plans_file("NVIDIA H100 PCIe", (9, 0), autotune=True) == h100
     # The dispatcher reads them for such a device (the CUDA queries answered here, no GPU needed).
     monkeypatch.setattr(triton_linear, "_SHIPPED", {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
