@@ -40,6 +40,7 @@ import datetime
 import functools
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -52,10 +53,14 @@ from typing import Optional
 from unittest import mock
 
 import torch
+import transformers
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 START = time.monotonic()
+# The keyword transformers' forward and generate take the KV cache by: ``cache`` since it was renamed (5.25 here:
+# ``past_key_values`` warns there and goes in 5.40), ``past_key_values`` before (5.17 on the GPU machine).
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 MODELS = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -103,7 +108,7 @@ PREFILL_REPEATS = 3
 
 def decode_step(model, cache, token, position):
     """One token in, the next greedy token out: the only compiled function."""
-    logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=token, position_ids=position, use_cache=True, **{CACHE: cache}).logits
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -180,7 +185,7 @@ def generate(model, prompt, new_tokens: int, step=decode_step, cache=None, timin
     sync(device)
     start = time.perf_counter()
     logits = model(input_ids=prompt, position_ids=torch.arange(length, device=device)[None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                   use_cache=True, logits_to_keep=1, **{CACHE: cache}).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
     prefill_end = time.perf_counter()

@@ -1,6 +1,7 @@
 """Small models, state checks and numerics shared by the tests."""
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from nf4compile import NF4Tensor
+
+
+def bench_script(name: str):
+    """bench/<name>.py as a fresh module (its own globals and start time), for the tests that keep it from rotting."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class TinyLM(nn.Module):

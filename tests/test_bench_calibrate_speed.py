@@ -1,14 +1,12 @@
 """bench/calibrate_speed.py --small on the CPU, so the script the GPU run depends on cannot rot."""
 
-import importlib.util
 import json
-from pathlib import Path
+
+from helpers import bench_script
 
 
 def test_small_run_times_every_method(tmp_path):
-    spec = importlib.util.spec_from_file_location("calibrate_speed", Path(__file__).parents[1] / "bench" / "calibrate_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("calibrate_speed")
     report = bench.main(["--small", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "calibrate-speed-cpu.json").read_text()) == json.loads(json.dumps(report))
     assert [r["layer"] for r in report["rows"]] == list(bench.SMALL_LAYER)

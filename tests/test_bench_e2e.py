@@ -11,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
-
-def _e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import bench_script
 
 
 @pytest.mark.slow
 def test_small_run_writes_every_method(tmp_path):
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--compile-backend", "eager", "--out", str(tmp_path)])
     methods = {method for name, batch, method in e2e.PLAN if name == "llama-2-7b" and batch == 1}
     results = {r["method"]: r for r in report["results"]}
@@ -42,7 +37,7 @@ def test_small_run_writes_every_method(tmp_path):
 
 
 def test_compile_time_target_compares_cold_compiles_only():
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     nf4, bf16 = dict(compile_s=36.0, compile_cache_hits=0), dict(compile_s=24.0, compile_cache_hits=0)
     assert e2e.cold_compile_ratio(nf4, bf16) == 1.5
     assert e2e.cold_compile_ratio(dict(nf4, compile_cache_hits=2), bf16) is None
@@ -51,7 +46,7 @@ def test_compile_time_target_compares_cold_compiles_only():
 
 
 def test_profile_compile_records_where_the_warm_up_went(tmp_path):
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--methods", "nf4compile,bf16-eager",
                        "--compile-backend", "eager", "--profile-compile", "5", "--out", str(tmp_path)])
     results = {r["method"]: r for r in report["results"]}
@@ -64,7 +59,7 @@ def test_profile_compile_records_where_the_warm_up_went(tmp_path):
 
 
 def test_compiles_cache_into_a_fresh_directory_unless_warm_caches_are_asked_for(monkeypatch):
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/machine/cache")
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     with e2e.compile_caches(warm=False):
@@ -78,7 +73,7 @@ def test_compiles_cache_into_a_fresh_directory_unless_warm_caches_are_asked_for(
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     report = e2e.main(["--small", "--batches", "1", "--models", "llama-2-7b", "--methods", "bf16-eager",
                        "--gpu-budget-s", "0", "--out", str(tmp_path)])
     (entry,) = report["results"]
@@ -89,7 +84,7 @@ def test_budget_skips_what_does_not_fit(tmp_path):
 @pytest.mark.skipif(os.environ.get("NF4COMPILE_TEST_GPU_MATRIX") != "1", reason="a minute of compiles: NF4COMPILE_TEST_GPU_MATRIX=1")
 def test_small_run_on_the_gpu(tmp_path):
     """Every method on the GPU with tiny shapes, CUDA graphs and Inductor: the code paths of the real run."""
-    e2e = _e2e()
+    e2e = bench_script("e2e")
     report = e2e.main(["--small", "--device", "cuda", "--batches", "1", "--models", "llama-2-7b", "--out", str(tmp_path)])
     results = {r["method"]: r for r in report["results"]}
     for method in ("nf4compile", "bf16-compiled", "nf4compile-unfused", "bnb-eager", "bf16-eager"):

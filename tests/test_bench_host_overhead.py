@@ -1,13 +1,10 @@
 """bench/host_overhead.py on the CPU (dispatch layers only), so the script the GPU run depends on cannot rot."""
 
-import importlib.util
-from pathlib import Path
+from helpers import bench_script
 
 
 def test_cpu_run_times_every_dispatch_layer(tmp_path):
-    spec = importlib.util.spec_from_file_location("host_overhead", Path(__file__).parents[1] / "bench" / "host_overhead.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("host_overhead")
     report = bench.main(["--calls", "5", "--out", str(tmp_path)])
     rows = report["us_per_call"]
     assert (tmp_path / "host-overhead-cpu.json").exists()

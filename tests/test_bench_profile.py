@@ -1,21 +1,14 @@
 """bench/profile_steps.py --small on the CPU, so the profile a GPU run depends on cannot rot."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "bench"
+from helpers import bench_script
 
 
 def _profile_steps():
-    sys.path.insert(0, str(BENCH))  # it imports e2e and qlora beside it
-    spec = importlib.util.spec_from_file_location("bench_profile_steps", BENCH / "profile_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("profile_steps")  # it imports e2e and qlora from beside it itself
 
 
 def test_kernel_kinds():

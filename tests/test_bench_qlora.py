@@ -8,18 +8,16 @@ a training graph for real).
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from helpers import bench_script
 
 pytest.importorskip("peft", reason="bench/qlora.py needs peft: pip install 'nf4compile[train]'")
 
 
 def _qlora():
-    spec = importlib.util.spec_from_file_location("bench_qlora", Path(__file__).parents[1] / "bench" / "qlora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("qlora")
 
 
 def test_small_run_writes_every_method(tmp_path):

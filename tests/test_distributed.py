@@ -11,7 +11,6 @@ order; measured 4e-7), every greedy token equal.
 
 import copy
 import faulthandler
-import importlib.util
 import json
 import os
 import socket
@@ -29,6 +28,9 @@ from nf4compile import NF4Tensor, to_nf4
 from nf4compile.distributed import AllGatherBytes, read_dcp_checkpoint, tensor_parallel_plan
 from nf4compile.sharding import fsdp_post_all_gather, fsdp_pre_all_gather
 
+from helpers import bench_script
+
+CACHE = bench_script("e2e").CACHE  # the keyword this transformers takes the KV cache by
 WORLD = 2
 LLAMA = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
              tie_word_embeddings=False)
@@ -227,7 +229,7 @@ def _decode(model, prompt, steps: int, step_fn):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
-    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(input_ids=prompt, use_cache=True, **{CACHE: cache}).logits[:, -1]
     outputs = [logits]
     for i in range(steps):
         position = torch.tensor([[prompt.shape[1] + i]], device=prompt.device)
@@ -237,7 +239,7 @@ def _decode(model, prompt, steps: int, step_fn):
 
 
 def _decode_step(model, cache, token, position):
-    return model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
+    return model(input_ids=token, position_ids=position, use_cache=True, **{CACHE: cache}).logits[:, -1]
 
 
 def _tensor_parallel(rank: int, device: torch.device) -> None:
@@ -285,9 +287,7 @@ def _tensor_parallel(rank: int, device: torch.device) -> None:
 def _bench_small(tmp: Path) -> None:
     """bench/distributed.py --small in this process group, so the script the 2-GPU run depends on cannot rot
     (its decode step traced with the "eager" backend: _tensor_parallel compiled with Inductor already)."""
-    spec = importlib.util.spec_from_file_location("bench_distributed", Path(__file__).parents[1] / "bench" / "distributed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("distributed")
     bench.main(["--small", "--compile-backend", "eager", "--out", str(tmp / "bench")])
 
 

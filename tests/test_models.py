@@ -23,9 +23,7 @@ recipe on every architecture) with NF4COMPILE_TEST_GPU_MATRIX=1.
 """
 
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +33,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 from transformers.generation.configuration_utils import CompileConfig
 
 import nf4compile
+
+from helpers import bench_script
 
 LOGIT_BOUND = 0.03  # measured on the CPU (logits ~N(0, 0.25)): 0.004-0.008 eager, 0.0045 compiled
 # GPU: the fused Triton kernels accumulate in another order than cuBLAS on the dequantized weight.
@@ -57,13 +57,6 @@ CONFIGS = {
                                bos_token_id=1, eos_token_id=2, pad_token_id=0),  # Conv1D, tied lm_head
 }
 NF4_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "phi3": 8, "gpt2": 8}
-
-
-def _bench_e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def quantized_pair(arch: str, device="cpu"):
@@ -141,7 +134,7 @@ def test_compiled_generate_by_transformers_llama():
 def test_compiled_decode_loop_gpt2_conv1d():
     """Recipe 2 (bench/e2e.py's loop) on GPT-2, whose Conv1D weights are NF4 computing ``x @ W``."""
     torch._dynamo.reset()
-    e2e = _bench_e2e()
+    e2e = bench_script("e2e")
     model, reference = quantized_pair("gpt2")
     ids = torch.randint(3, VOCAB, (2, PROMPT))
     with torch.no_grad():
@@ -186,7 +179,7 @@ def test_warm_up_calls_of_the_decode_step_leave_the_static_cache_as_it_was():
     # Recipe 4 (bench/e2e.py CapturedStep) calls the step twice before capturing it. A StaticCache counts its
     # filled slots itself, so unless warm_up_step undoes those calls the generation they precede writes every
     # token two slots late and attends to the warm-up's copies. Here without a GPU: warm-ups, then eager steps.
-    e2e = _bench_e2e()
+    e2e = bench_script("e2e")
     model, reference = quantized_pair("llama")
     ids = torch.randint(3, VOCAB, (2, PROMPT))
     warmed_up = []
@@ -219,7 +212,7 @@ def test_cuda_graphs_generate(recipe, arch):
             for _ in range(2):
                 check_against_reference(reference, *hf_generate(model, ids, graphs))
         elif recipe in ("loop", "captured"):  # 2. our loop: one cache, reset between runs; 4. its step captured
-            e2e = _bench_e2e()
+            e2e = bench_script("e2e")
             if recipe == "loop":
                 step = torch.compile(e2e.decode_step, mode="reduce-overhead", fullgraph=True)
             else:
@@ -232,7 +225,7 @@ def test_cuda_graphs_generate(recipe, arch):
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
             cache = early_static_cache(model, 2, PROMPT + NEW_TOKENS)
             for _ in range(2):
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), **{e2e.CACHE: cache},
                                      max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                                      return_dict_in_generate=True, disable_compile=True)
                 check_against_reference(reference, out.sequences, torch.stack(out.logits, 1).float())
