@@ -85,8 +85,11 @@ def plans_file(device_name: str, capability: tuple[int, int], autotune: bool = F
     own = tuned_configs(gpu_chip(device_name))
     if own.exists():
         return own
-    borrowed = SAME_SM_PLANS.get(tuple(capability))
-    return tuned_configs(borrowed) if borrowed and not autotune and tuned_configs(borrowed).exists() else None
+    borrowed = SAME_SM_PLANS.get(capability)
+    if borrowed is None or autotune:
+        return None
+    path = tuned_configs(borrowed)
+    return path if path.exists() else None
 
 
 # The fused kernels were measured with multiply-adds contracted (FFMA): Triton 3.9 warns that 3.10 stops doing so by
@@ -734,7 +737,8 @@ def _nf4_mma_gemv_kernel(
     pid_k = tl.program_id(1)
     tile, out_row0, n_rows, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr = _sibling_weight(
         tl.program_id(0), WARPS * 16 * WEIGHT_TILES, N, N1, N2, WEIGHTS,
-        packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr, packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
+        packed_ptr, absmax_ptr, nested_ptr, offset_ptr, bias_ptr,
+        packed1_ptr, absmax1_ptr, nested1_ptr, offset1_ptr, bias1_ptr,
         packed2_ptr, absmax2_ptr, nested2_ptr, offset2_ptr, bias2_ptr,
     )
     thread = tl.arange(0, 32 * WARPS)  # one element a thread: Triton's default layout for this shape
@@ -743,11 +747,12 @@ def _nf4_mma_gemv_kernel(
     # The lane's weight rows: g and g + 8 of each of the warp's tiles of 16.
     warp_row0 = tile * (WARPS * 16 * WEIGHT_TILES) + (thread // 32) * (16 * WEIGHT_TILES) + lane // 4
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
-    rows, w_rows, blks = (), (), ()
+    rows, reads, w_rows, blks = (), (), (), ()
     for r in tl.static_range(2 * WEIGHT_TILES):
         row = warp_row0 + 8 * r
         read = tl.minimum(row, n_rows - 1)  # rows past W read its last row, never stored
         rows = rows + (row,)
+        reads = reads + (read,)
         w_rows = w_rows + (words_ptr + read.to(tl.int64) * (K // 8) + tq * 2,)
         blks = blks + (read * (K // QBLOCK),)
     x_words = x_ptr.to(tl.pointer_type(tl.int32))
@@ -758,11 +763,14 @@ def _nf4_mma_gemv_kernel(
     c_start = pid_k * per_split
     c_end = tl.minimum(c_start + per_split, chunks)
     table = codebook_pairs(pair_ptr)
-    # Per weight tile and activation tile, the lane's four outputs: (row g, activation 2 tq), (g, 2 tq + 1),
+    # Per weight tile, per activation tile the lane's four outputs: (row g, activation 2 tq), (g, 2 tq + 1),
     # (g + 8, 2 tq), (g + 8, 2 tq + 1).
     accs = ()
-    for i in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
-        accs = accs + (tl.zeros([32 * WARPS], dtype=tl.float32),)
+    for wt in tl.static_range(WEIGHT_TILES):
+        tile_accs = ()
+        for i in tl.static_range(4 * ROW_TILES):
+            tile_accs = tile_accs + (tl.zeros([32 * WARPS], dtype=tl.float32),)
+        accs = accs + (tile_accs,)
     # Double buffering in registers, as the gemv's prefetch: the next step's loads (CHUNKS chunks) are issued before
     # this step's lookups and mma. A step's chunks past the slice re-read its last one and add nothing.
     # QUAD_SCALES: every lane loads the scale parts of all its chunks, which makes them most of the sectors the L1
@@ -783,7 +791,7 @@ def _nf4_mma_gemv_kernel(
                 words, xs = loads[i][0], loads[i][1]
                 cs = ()
                 for wt in tl.static_range(WEIGHT_TILES):
-                    cs = cs + _mma_chunk(table, words[2 * wt], words[2 * wt + 1], xs, thread, BF16, ROW_TILES)
+                    cs = cs + (_mma_chunk(table, words[2 * wt], words[2 * wt + 1], xs, thread, BF16, ROW_TILES),)
                 if QUAD_SCALES:
                     scales = ()
                     for r in tl.static_range(2 * WEIGHT_TILES):
@@ -791,25 +799,28 @@ def _nf4_mma_gemv_kernel(
                 else:
                     scales = _chunk_scales(loads[i][2], offset_ptr, dyn_ptr, DOUBLE_QUANT, 2 * WEIGHT_TILES)
                 new_accs = ()
-                for j in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
-                    c = cs[j]
-                    if step + i > 0:
-                        c = tl.where(chunk + step + i < c_end, c, 0.0)
-                    new_accs = new_accs + (accs[j] + c * scales[2 * (j // (4 * ROW_TILES)) + j % 4 // 2],)
+                for wt in tl.static_range(WEIGHT_TILES):
+                    tile_accs = ()
+                    for j in tl.static_range(4 * ROW_TILES):
+                        c = cs[wt][j]
+                        if step + i > 0:
+                            c = tl.where(chunk + step + i < c_end, c, 0.0)
+                        tile_accs = tile_accs + (accs[wt][j] + c * scales[2 * wt + j % 4 // 2],)
+                    new_accs = new_accs + (tile_accs,)
                 accs = new_accs
             loads = next_loads
     if HAS_BIAS:
         biases = ()
         for r in tl.static_range(2 * WEIGHT_TILES):
-            read = tl.minimum(rows[r], n_rows - 1)
-            biases = biases + (tl.where(pid_k == 0, tl.load(bias_ptr + read).to(tl.float32), 0.0),)
-    for j in tl.static_range(4 * ROW_TILES * WEIGHT_TILES):
-        row = rows[2 * (j // (4 * ROW_TILES)) + j % 4 // 2]
-        act = 8 * (j % (4 * ROW_TILES) // 4) + tq * 2 + j % 2
-        value = accs[j]
-        if HAS_BIAS:
-            value += biases[2 * (j // (4 * ROW_TILES)) + j % 4 // 2]
-        _write_out(out_ptr + act * stride_om + (out_row0 + row), value, (row < n_rows) & (act < M), SPLIT_K)
+            biases = biases + (tl.where(pid_k == 0, tl.load(bias_ptr + reads[r]).to(tl.float32), 0.0),)
+    for wt in tl.static_range(WEIGHT_TILES):
+        for j in tl.static_range(4 * ROW_TILES):
+            row = rows[2 * wt + j % 4 // 2]
+            act = 8 * (j // 4) + tq * 2 + j % 2
+            value = accs[wt][j]
+            if HAS_BIAS:
+                value += biases[2 * wt + j % 4 // 2]
+            _write_out(out_ptr + act * stride_om + (out_row0 + row), value, (row < n_rows) & (act < M), SPLIT_K)
 
 
 # Warps per program (16 weight rows each; the 32 KB pair table limits an SM to 7 programs), split-K, and chunks of
@@ -845,8 +856,8 @@ def nf4_mma_gemv(x2, packed, absmax, nested_absmax, offset, block_size, N, K, bi
         *_sibling_args(siblings, packed, absmax, out),
         QBLOCK=block_size, DOUBLE_QUANT=nested_absmax is not None, HAS_BIAS=bias is not None, WARPS=warps,
         SPLIT_K=split_k, CHUNKS=config["CHUNKS"], QUAD_SCALES=config.get("scales") == "quad",
-        ROW_TILES=1 if M <= 8 else 2, WEIGHT_TILES=weight_tiles, BF16=bf16, WEIGHTS=1 + len(siblings), num_warps=warps, num_stages=1,
-        enable_fp_fusion=FP_FUSION,
+        ROW_TILES=1 if M <= 8 else 2, WEIGHT_TILES=weight_tiles, BF16=bf16, WEIGHTS=1 + len(siblings),
+        num_warps=warps, num_stages=1, enable_fp_fusion=FP_FUSION,
     )
     return out if split_k == 1 else out.to(x2.dtype)
 
@@ -1146,13 +1157,19 @@ def _plan_key(x2, N, K, block_size, x_at_w) -> tuple:
     return (x_at_w, N, K, _m_bucket(x2.shape[0]), x2.dtype, block_size)
 
 
+def autotune_requested() -> bool:
+    """NF4COMPILE_AUTOTUNE=1: untuned keys are tuned on first use (and chips without plans of their own tune theirs)."""
+    return os.environ.get("NF4COMPILE_AUTOTUNE") == "1"
+
+
 def _shipped_plans(device: torch.device) -> dict[tuple, dict]:
     """Plans tuned by bench/nf4_kernels.py --tune on this device's chip (or one with its SM), if shipped."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if name not in _SHIPPED:
         plans = {}
-        autotune = os.environ.get("NF4COMPILE_AUTOTUNE") == "1"
-        path = plans_file(name, torch.cuda.get_device_capability(device), autotune) if device.type == "cuda" else None
+        path = None
+        if device.type == "cuda":
+            path = plans_file(name, torch.cuda.get_device_capability(device), autotune_requested())
         if path is not None:
             for entry in json.loads(path.read_text())["plans"]:
                 key = (entry["x_at_w"], entry["N"], entry["K"], entry["m_bucket"])
@@ -1275,7 +1292,7 @@ def cached_plan(x2, N, K, block_size, x_at_w, tune=None) -> dict:
             plan = _nearest_shipped(key[:4], M, x2.dtype, x2.device)
         if plan is None:
             capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-            autotune = os.environ.get("NF4COMPILE_AUTOTUNE") == "1" and x2.is_cuda and not capturing and not INTERPRET
+            autotune = autotune_requested() and x2.is_cuda and not capturing and not INTERPRET
             if tune is not None and autotune:
                 return tune()
             plan = default_plan(M, N, K, x_at_w, x2.dtype, x2.device)
